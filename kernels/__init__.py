@@ -1,0 +1,1 @@
+"""Triton kernels for block attention (imported as ``sptutor.kernels``)."""

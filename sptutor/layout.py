@@ -1,0 +1,119 @@
+"""Which global token positions each rank owns (DESIGN §3), shared by oracle and real code.
+
+Three ways to cut a sequence of ``S`` tokens over ``W`` ranks:
+
+- ``contiguous``: rank r owns ``[r*S/W, (r+1)*S/W)``. Needs ``S % W == 0``.
+- ``zigzag``: cut S into ``2W`` chunks; rank r owns chunk r, then chunk ``2W-1-r``, so that under a
+  causal mask every rank has the same amount of work. Needs ``S % (2*W) == 0``.
+- ``striped``: rank r owns tokens ``r, r+W, r+2W, ...``. Needs ``S % W == 0``.
+
+USP composes them: with ``ulysses=U`` the world is ``R = W/U`` ring ranks of ``U`` ulysses ranks
+each (``rank = ring_index * U + ulysses_index``); the layout is applied over the ``R`` ring ranks,
+then each ring rank's tokens are split contiguously over its ``U`` ulysses ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+LAYOUTS = ("contiguous", "zigzag", "striped")
+
+
+def check_layout(seq_len: int, *, world: int, layout: str, ulysses: int = 1) -> None:
+    """Raise ``ValueError`` (with the numbers) unless ``seq_len`` splits over ``world`` ranks.
+
+    ``world`` is the SP world size ``W``; ``ulysses`` the Ulysses degree ``U`` of a USP mesh.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if world < 1 or ulysses < 1:
+        raise ValueError(f"world and ulysses must be >= 1, got W={world}, U={ulysses}")
+    if world % ulysses:
+        raise ValueError(f"ulysses degree must divide the world, got W={world}, U={ulysses}")
+    ring = world // ulysses
+    chunks = 2 * ring if layout == "zigzag" else ring
+    if seq_len % chunks and ulysses == 1:
+        need = "S % (2*W) == 0" if layout == "zigzag" else "S % W == 0"
+        raise ValueError(f"{layout} layout needs {need}, got S={seq_len}, W={world}")
+    if seq_len % chunks:
+        raise ValueError(
+            f"{layout} layout over R={ring} ring ranks needs S % {chunks} == 0, "
+            f"got S={seq_len}, W={world}, U={ulysses}"
+        )
+    if (seq_len // ring) % ulysses:
+        raise ValueError(
+            f"each ring rank's {seq_len // ring} tokens must split over U={ulysses} ulysses ranks, "
+            f"got S={seq_len}, W={world}, U={ulysses}"
+        )
+
+
+def _ring_positions(seq_len: int, ring: int, ring_index: int, layout: str) -> torch.Tensor:
+    """Global positions ring rank ``ring_index`` of ``ring`` owns, in order: (S/R,)."""
+    if layout == "contiguous":
+        size = seq_len // ring
+        return torch.arange(ring_index * size, (ring_index + 1) * size)
+    if layout == "striped":
+        return torch.arange(ring_index, seq_len, ring)
+    chunk = seq_len // (2 * ring)  # zigzag: chunk r, then its mirror 2R-1-r
+    first = torch.arange(ring_index * chunk, (ring_index + 1) * chunk)
+    mirror = 2 * ring - 1 - ring_index
+    return torch.cat([first, torch.arange(mirror * chunk, (mirror + 1) * chunk)])
+
+
+def positions(
+    seq_len: int, *, world: int, rank: int, layout: str = "contiguous", ulysses: int = 1
+) -> torch.Tensor:
+    """Global token positions that ``rank`` owns, in the order it stores them.
+
+    Returns a LongTensor of shape ``(S/W,)``. With ``ulysses=U > 1`` this is the USP composition:
+    ring index ``rank // U`` takes its tokens under ``layout`` over ``R = W/U`` ring ranks, and
+    ulysses index ``rank % U`` takes the ``(rank % U)``-th contiguous piece of them.
+    """
+    check_layout(seq_len, world=world, layout=layout, ulysses=ulysses)
+    if not 0 <= rank < world:
+        raise ValueError(f"rank must be in [0, W), got rank={rank}, W={world}")
+    ring_index, ulysses_index = divmod(rank, ulysses)
+    ring_tokens = _ring_positions(seq_len, world // ulysses, ring_index, layout)  # (S/R,)
+    return ring_tokens.chunk(ulysses)[ulysses_index]  # (S/W,)
+
+
+def shard(
+    x: torch.Tensor, *, world: int, layout: str = "contiguous", ulysses: int = 1, dim: int = 1
+) -> list[torch.Tensor]:
+    """Cut a full tensor into the ``world`` shards the ranks hold (each contiguous).
+
+    ``x``: full tensor, e.g. ``(B, S, H, D)`` with the sequence on ``dim``.
+    Returns a list of ``W`` tensors, shard r of shape ``(B, S/W, H, D)`` holding the tokens
+    ``positions(S, world=W, rank=r, ...)`` in that order.
+    """
+    seq_len = x.shape[dim]
+    return [
+        x.index_select(
+            dim, positions(seq_len, world=world, rank=r, layout=layout, ulysses=ulysses)
+        ).contiguous()
+        for r in range(world)
+    ]
+
+
+def unshard(
+    shards: list[torch.Tensor], *, layout: str = "contiguous", ulysses: int = 1, dim: int = 1
+) -> torch.Tensor:
+    """Put the ranks' shards back in global order: the inverse of :func:`shard`.
+
+    ``shards``: ``W`` tensors of shape ``(B, S/W, H, D)`` (sequence on ``dim``).
+    Returns the full tensor ``(B, S, H, D)``; ``unshard(shard(x)) == x`` exactly.
+    """
+    world = len(shards)
+    seq_len = sum(s.shape[dim] for s in shards)
+    sizes = {s.shape[dim] for s in shards}
+    if len(sizes) != 1:
+        raise ValueError(
+            f"all shards must hold S/W tokens along dim {dim}, got sizes {sorted(sizes)}"
+        )
+    full_shape = list(shards[0].shape)
+    full_shape[dim] = seq_len
+    full = shards[0].new_empty(full_shape)
+    for rank, part in enumerate(shards):
+        pos = positions(seq_len, world=world, rank=rank, layout=layout, ulysses=ulysses)
+        full.index_copy_(dim, pos.to(part.device), part)
+    return full
