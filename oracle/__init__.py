@@ -5,5 +5,16 @@ multi-process code and logs every message it would send; ``reference`` holds the
 """
 
 from sptutor.oracle.reference import full_attention, full_linear_attention
+from sptutor.oracle.simulation import LINEAR_METHODS, METHODS, SOFTMAX_METHODS, simulate
+from sptutor.oracle.world import RankRecord, Simulation
 
-__all__ = ["full_attention", "full_linear_attention"]
+__all__ = [
+    "LINEAR_METHODS",
+    "METHODS",
+    "SOFTMAX_METHODS",
+    "RankRecord",
+    "Simulation",
+    "full_attention",
+    "full_linear_attention",
+    "simulate",
+]

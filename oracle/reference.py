@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from sptutor.checks import check_decay
+
 
 def _positions(pos: torch.Tensor | None, length: int, device: torch.device) -> torch.Tensor:
     return torch.arange(length, device=device) if pos is None else pos.to(device)
@@ -57,24 +59,6 @@ def full_attention(
     out = torch.einsum("bhqk,bkhd->bqhd", probs, v)  # (B, S_q, Hq, D)
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     return out, lse.to(lse_dtype)
-
-
-def check_decay(decay: torch.Tensor | None, heads_q: int, causal: bool) -> None:
-    """Raise ``ValueError`` unless ``decay`` is None or a (Hq,) tensor in (0, 1] without grad."""
-    if decay is None:
-        return
-    if not causal:
-        raise ValueError(
-            "decay needs causal=True: non-causal linear attention has no order to decay along"
-        )
-    if decay.requires_grad:
-        raise ValueError("decay must not require grad: it is a fixed per-head constant")
-    if decay.shape != (heads_q,):
-        raise ValueError(f"decay must have shape (Hq,) = ({heads_q},), got {tuple(decay.shape)}")
-    if not bool(((decay > 0) & (decay <= 1)).all()):
-        raise ValueError(
-            f"decay must lie in (0, 1], got min={decay.min().item()}, max={decay.max().item()}"
-        )
 
 
 def full_linear_attention(

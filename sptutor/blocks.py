@@ -34,14 +34,20 @@ def visible_pairs(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool) -> tor
 
 
 def attention_macs(
-    q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool, batch: int, heads_q: int, head_dim: int
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    causal: bool,
+    batch: int,
+    heads_q: int,
+    head_dim: int,
+    *,
+    backward: bool = False,
 ) -> int:
-    """Useful multiply-adds of one forward block: 2·D per visible (query, key) pair and head.
-
-    (D for the score q·k, D for adding p·v to the output.)
+    """Useful multiply-adds of one block: per visible (query, key) pair and head, 2·D forward
+    (the score q·k, then p·v) and 5·D backward (the score again, dV, dP, dQ and dK).
     """
     pairs = int(visible_pairs(q_pos, k_pos, causal).sum())
-    return 2 * batch * heads_q * head_dim * pairs
+    return (5 if backward else 2) * batch * heads_q * head_dim * pairs
 
 
 def _group_queries(x: torch.Tensor, heads_kv: int) -> torch.Tensor:

@@ -5,9 +5,9 @@ import math
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from sptutor.oracle import reference
 
 from sptutor import blocks
+from sptutor.oracle import reference
 from sptutor.testing import relative_error
 from tests.strategies import heads, positions, tensors
 

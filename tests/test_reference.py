@@ -6,8 +6,8 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from sptutor.oracle import reference
 
+from sptutor.oracle import reference
 from tests.strategies import heads, positions, tensors
 
 

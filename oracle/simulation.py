@@ -1,0 +1,98 @@
+"""``oracle.simulate``: shard full inputs, run one method on an emulated world, put results back."""
+
+from __future__ import annotations
+
+import torch
+
+from sptutor import layout as layouts
+from sptutor.checks import check_decay, check_qkv
+from sptutor.oracle import ring
+from sptutor.oracle.world import Simulation, World
+
+SOFTMAX_METHODS = ("rsa", "ring", "ulysses", "usp", "lss")
+LINEAR_METHODS = ("lasp", "lasp2")
+METHODS = SOFTMAX_METHODS + LINEAR_METHODS
+_EMULATORS = {"ring": ring.emulate}
+
+
+def _check_options(method, q, k, v, dout, world, causal, layout, ulysses, decay, scale) -> int:
+    """Validate everything before emulating (DESIGN §8); returns the Ulysses degree U."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method not in _EMULATORS:
+        raise ValueError(f"the {method} oracle is not written yet; available: {sorted(_EMULATORS)}")
+    check_qkv(q, k, v)
+    if q.shape[1] != k.shape[1]:
+        raise ValueError(
+            f"q and k must have one sequence length, got {q.shape[1]} and {k.shape[1]}"
+        )
+    if dout is not None and dout.shape != q.shape:
+        raise ValueError(f"dout must have q's shape {tuple(q.shape)}, got {tuple(dout.shape)}")
+    if (method == "usp") != (ulysses is not None):
+        raise ValueError(
+            f"ulysses= is required for usp and only for usp, got {method=}, {ulysses=}"
+        )
+    if method in LINEAR_METHODS:
+        if scale is not None:
+            raise ValueError(f"{method} is linear attention: it takes no scale, got scale={scale}")
+        check_decay(decay, q.shape[2], causal)
+    elif decay is not None:
+        raise ValueError(f"decay is for linear attention (lasp, lasp2), not {method}")
+    ulysses = ulysses or 1
+    layouts.check_layout(q.shape[1], world=world, layout=layout, ulysses=ulysses)
+    return ulysses
+
+
+def simulate(
+    method: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dout: torch.Tensor | None = None,
+    *,
+    world: int,
+    causal: bool = False,
+    layout: str = "contiguous",
+    ulysses: int | None = None,
+    decay: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> Simulation:
+    """Emulate ``method`` on ``world`` ranks and return full-size results and the ledger.
+
+    q: (B, S, Hq, D); k, v: (B, S, Hkv, D) full, unsharded inputs; dout: (B, S, Hq, D) or None
+    (forward only). They are sharded with ``layout`` (composed with ``ulysses=U`` for usp).
+    Returns a ``Simulation``: out (B, S, Hq, D), lse (B, Hq, S) (None for linear methods),
+    dq, dk, dv full-size (None without dout), ``ranks[r]`` what rank r holds, and the ledger.
+    """
+    degree = _check_options(method, q, k, v, dout, world, causal, layout, ulysses, decay, scale)
+    seq_len, head_dim = q.shape[1], q.shape[3]
+
+    def cut(x: torch.Tensor | None, dim: int = 1) -> list[torch.Tensor] | None:
+        return (
+            None
+            if x is None
+            else layouts.shard(x, world=world, layout=layout, ulysses=degree, dim=dim)
+        )
+
+    positions = [
+        layouts.positions(seq_len, world=world, rank=r, layout=layout, ulysses=degree)
+        for r in range(world)
+    ]
+    options = {"positions": positions, "causal": causal}
+    if method in SOFTMAX_METHODS:
+        options["scale"] = head_dim**-0.5 if scale is None else scale
+    emulated = World(list(range(world)))
+    records = _EMULATORS[method](emulated, cut(q), cut(k), cut(v), cut(dout), **options)
+
+    def glue(name: str, dim: int = 1) -> torch.Tensor | None:
+        parts = [getattr(record, name) for record in records]
+        return (
+            None
+            if parts[0] is None
+            else layouts.unshard(parts, layout=layout, ulysses=degree, dim=dim)
+        )
+
+    return Simulation(
+        out=glue("out"), lse=glue("lse", dim=2), dq=glue("dq"), dk=glue("dk"), dv=glue("dv"),
+        ranks=records, ledger=emulated.ledger,
+    )  # fmt: skip

@@ -1,0 +1,140 @@
+"""An emulated world of W ranks: per-rank state as Python lists, collectives as list operations.
+
+Nothing here touches ``torch.distributed``. Index ``i`` of every list is the ``i``-th rank of the
+group; ``World.ranks[i]`` is its global rank. Each collective logs one ``CommEvent`` per sending
+rank into the shared ledger, by the rules of DESIGN §5: the sender logs, ranks are global, bytes
+come from ``ledger.wire_bytes``, and a group of one rank moves nothing and logs nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from sptutor.ledger import CommEvent, Ledger, wire_bytes
+
+
+def nbytes(x: torch.Tensor) -> int:
+    """Bytes a tensor occupies (and puts on the wire when sent whole)."""
+    return x.numel() * x.element_size()
+
+
+@dataclass
+class World:
+    """A group of emulated ranks sharing one ledger (sub-groups share their parent's)."""
+
+    ranks: list[int]
+    ledger: Ledger = field(default_factory=Ledger)
+
+    @property
+    def size(self) -> int:
+        """The number of ranks W in this group."""
+        return len(self.ranks)
+
+    def group(self, members: list[int]) -> World:
+        """A sub-group of this world's ranks (indices into ``self.ranks``), same ledger."""
+        return World([self.ranks[i] for i in members], self.ledger)
+
+    def _log(self, op: str, index: int, peer: int | None, size: int, phase: str, step: int) -> None:
+        nbytes_sent = wire_bytes(op, size, self.size)
+        self.ledger.log(CommEvent(op, self.ranks[index], peer, nbytes_sent, phase, step))
+
+    def compute(self, index: int, macs: int, phase: str, step: int = 0) -> None:
+        """Log that rank ``index`` did ``macs`` useful multiply-adds."""
+        self.ledger.log(CommEvent("compute", self.ranks[index], None, 0, phase, step, macs))
+
+    def ring_shift(
+        self, tensors: list[torch.Tensor], *, phase: str, step: int
+    ) -> list[torch.Tensor]:
+        """Every rank sends its tensor to the next rank and receives the previous rank's.
+
+        ``tensors[i]`` is rank i's; returns ``received`` with ``received[i] = tensors[i-1]``.
+        """
+        if self.size == 1:
+            return tensors
+        for i, x in enumerate(tensors):
+            self._log("send", i, self.ranks[(i + 1) % self.size], nbytes(x), phase, step)
+        return [tensors[(i - 1) % self.size].clone() for i in range(self.size)]
+
+    def send(
+        self, x: torch.Tensor, src: int, dst: int, *, phase: str, step: int = 0
+    ) -> torch.Tensor:
+        """Point-to-point: rank ``src`` sends ``x`` to rank ``dst``; returns what ``dst`` gets."""
+        self._log("send", src, self.ranks[dst], nbytes(x), phase, step)
+        return x.clone()
+
+    def all_to_all(
+        self, chunks: list[list[torch.Tensor]], *, phase: str, step: int = 0
+    ) -> list[list[torch.Tensor]]:
+        """``chunks[i][j]`` goes from rank i to rank j; returns ``received[j][i]``.
+
+        Each rank's input is the W equal chunks it holds (one stays home).
+        """
+        if self.size == 1:
+            return chunks
+        for i, row in enumerate(chunks):
+            self._log("all_to_all", i, None, sum(nbytes(x) for x in row), phase, step)
+        return [[chunks[i][j].clone() for i in range(self.size)] for j in range(self.size)]
+
+    def all_gather(
+        self, tensors: list[torch.Tensor], *, phase: str, step: int = 0
+    ) -> list[list[torch.Tensor]]:
+        """Every rank receives every rank's tensor: returns ``gathered[j] = [tensors[0], ...]``."""
+        if self.size == 1:
+            return [list(tensors)]
+        for i, x in enumerate(tensors):
+            self._log("all_gather", i, None, nbytes(x), phase, step)
+        return [[x.clone() for x in tensors] for _ in range(self.size)]
+
+    def reduce_scatter(
+        self, chunks: list[list[torch.Tensor]], *, phase: str, step: int = 0
+    ) -> list[torch.Tensor]:
+        """``chunks[i][j]`` is rank i's contribution to rank j: returns ``sum_i chunks[i][j]``."""
+        if self.size == 1:
+            return [chunks[0][0]]
+        for i in range(self.size):
+            self._log("reduce_scatter", i, None, nbytes(chunks[i][i]), phase, step)
+        return [sum(chunks[i][j] for i in range(self.size)) for j in range(self.size)]
+
+    def all_reduce(
+        self, tensors: list[torch.Tensor], *, phase: str, step: int = 0
+    ) -> list[torch.Tensor]:
+        """Every rank receives the sum of every rank's tensor."""
+        if self.size == 1:
+            return tensors
+        for i, x in enumerate(tensors):
+            self._log("all_reduce", i, None, nbytes(x), phase, step)
+        total = sum(tensors)
+        return [total.clone() for _ in range(self.size)]
+
+
+@dataclass
+class RankRecord:
+    """What rank r holds at the end: its shards of the results and what it kept for backward.
+
+    out: (B, S/W, Hq, D); lse: (B, Hq, S/W) (None for linear methods); dq: (B, S/W, Hq, D) and
+    dk, dv: (B, S/W, Hkv, D) (None without ``dout``); saved_bytes: bytes kept between forward and
+    backward; state_in: the state received from the previous rank (linear methods).
+    """
+
+    out: torch.Tensor
+    lse: torch.Tensor | None = None
+    dq: torch.Tensor | None = None
+    dk: torch.Tensor | None = None
+    dv: torch.Tensor | None = None
+    saved_bytes: int = 0
+    state_in: torch.Tensor | None = None
+
+
+@dataclass
+class Simulation:
+    """What ``oracle.simulate`` returns: full-size results, per-rank records, the ledger."""
+
+    out: torch.Tensor
+    lse: torch.Tensor | None
+    dq: torch.Tensor | None
+    dk: torch.Tensor | None
+    dv: torch.Tensor | None
+    ranks: list[RankRecord]
+    ledger: Ledger

@@ -1,0 +1,49 @@
+"""Input checks shared by the oracle and the real code (DESIGN §8).
+
+Every check raises before any communication, with a sentence naming the precondition and the
+values that broke it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """q: (B, S, Hq, D), k, v: (B, S_k, Hkv, D) of one floating dtype and device, Hq % Hkv == 0."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be (B, S, H, D), got shape {tuple(x.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
+        raise TypeError(f"q, k, v need one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise TypeError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    (batch, _, heads_q, head_dim), (batch_kv, _, heads_kv, head_dim_kv) = q.shape, k.shape
+    if batch != batch_kv or head_dim != head_dim_kv:
+        raise ValueError(
+            f"q and k must agree on B and D, got q {tuple(q.shape)} and k {tuple(k.shape)}"
+        )
+    if heads_q % heads_kv:
+        raise ValueError(f"need Hq % Hkv == 0, got Hq={heads_q}, Hkv={heads_kv}")
+
+
+def check_decay(decay: torch.Tensor | None, heads_q: int, causal: bool) -> None:
+    """decay: None, or a (Hq,) tensor in (0, 1] that does not require grad, causal only."""
+    if decay is None:
+        return
+    if not causal:
+        raise ValueError(
+            "decay needs causal=True: non-causal linear attention has no order to decay along"
+        )
+    if decay.requires_grad:
+        raise ValueError("decay must not require grad: it is a fixed per-head constant")
+    if decay.shape != (heads_q,):
+        raise ValueError(f"decay must have shape (Hq,) = ({heads_q},), got {tuple(decay.shape)}")
+    if not bool(((decay > 0) & (decay <= 1)).all()):
+        raise ValueError(
+            f"decay must lie in (0, 1], got min={decay.min().item()}, max={decay.max().item()}"
+        )
