@@ -2,25 +2,35 @@
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from sptutor import layout as layouts
 from sptutor.checks import check_decay, check_qkv
-from sptutor.oracle import ring
 from sptutor.oracle.world import Simulation, World
 
 SOFTMAX_METHODS = ("rsa", "ring", "ulysses", "usp", "lss")
 LINEAR_METHODS = ("lasp", "lasp2")
 METHODS = SOFTMAX_METHODS + LINEAR_METHODS
-_EMULATORS = {"ring": ring.emulate}
+# method -> (module of oracle/, function); lasp.py holds both linear methods, like sptutor/lasp.py
+_EMULATORS = {method: (method, "emulate") for method in METHODS} | {
+    "lasp2": ("lasp", "emulate_lasp2")
+}
+
+
+def _emulator(method: str):
+    module, function = _EMULATORS[method]
+    try:
+        return getattr(importlib.import_module(f"sptutor.oracle.{module}"), function)
+    except ModuleNotFoundError as missing:
+        raise ValueError(f"the {method} oracle is not written yet") from missing
 
 
 def _check_options(method, q, k, v, dout, world, causal, layout, ulysses, decay, scale) -> int:
     """Validate everything before emulating (DESIGN §8); returns the Ulysses degree U."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if method not in _EMULATORS:
-        raise ValueError(f"the {method} oracle is not written yet; available: {sorted(_EMULATORS)}")
     check_qkv(q, k, v)
     if q.shape[1] != k.shape[1]:
         raise ValueError(
@@ -81,8 +91,12 @@ def simulate(
     options = {"positions": positions, "causal": causal}
     if method in SOFTMAX_METHODS:
         options["scale"] = head_dim**-0.5 if scale is None else scale
+    if method == "usp":
+        options["ulysses"] = degree
+    if method in LINEAR_METHODS:
+        options["decay"] = decay
     emulated = World(list(range(world)))
-    records = _EMULATORS[method](emulated, cut(q), cut(k), cut(v), cut(dout), **options)
+    records = _emulator(method)(emulated, cut(q), cut(k), cut(v), cut(dout), **options)
 
     def glue(name: str, dim: int = 1) -> torch.Tensor | None:
         parts = [getattr(record, name) for record in records]

@@ -80,7 +80,15 @@ def ring(shape: Shape, world: int) -> Cost:
 def of(
     method: str, shape: Shape, world: int, *, causal: bool = False, ulysses: int | None = None
 ) -> Cost:
-    """The cost of ``method`` (a name of DESIGN §1) on ``world`` ranks, per rank."""
-    if method == "ring":
-        return ring(shape, world)
-    raise ValueError(f"no closed-form cost for {method!r} yet")
+    """The cost of ``method`` (a name of DESIGN §1) on ``world`` ranks, per rank.
+
+    ``ulysses`` is the Ulysses degree U of ``usp`` (ring degree ``world // U``); ``causal`` matters
+    only for the linear methods (non-causal LASP is one all-reduce).
+    """
+    if method == "usp":
+        return globals()["usp"](shape, ulysses=ulysses, ring=world // ulysses)
+    if method in ("lasp", "lasp2"):
+        return globals()[method](shape, world, causal=causal)
+    if method in ("rsa", "ring", "ulysses", "lss"):
+        return globals()[method](shape, world)
+    raise ValueError(f"no closed-form cost for {method!r}")
