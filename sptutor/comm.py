@@ -1,0 +1,140 @@
+"""Thin wrappers over ``torch.distributed``: every message a method sends goes through here.
+
+Each wrapper records one ``CommEvent`` per tensor this rank puts on the wire, in every open
+``ledger.record()``, by the rules of DESIGN §5 (the sender logs, ranks are global, bytes from
+``ledger.wire_bytes``; a group of one rank moves nothing and logs nothing). Tensors are made
+contiguous before they are sent (gloo refuses strided ones), peers are computed from the group,
+and renamed collectives of newer torch versions are hidden here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from sptutor import ledger
+from sptutor.ledger import CommEvent
+
+# torch >= 2.13 renamed the tensor-in/tensor-out collectives (the old names warn)
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def rank_and_size(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    """This process's rank inside ``group`` (None = the default group) and the group's size."""
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def global_rank(group: dist.ProcessGroup | None, group_rank: int) -> int:
+    """The global rank of the ``group_rank``-th member of ``group``."""
+    return group_rank if group is None else dist.get_global_rank(group, group_rank)
+
+
+def _log(op: str, group, peer: int | None, tensor_bytes: int, phase: str, step: int) -> None:
+    _, size = rank_and_size(group)
+    sent = ledger.wire_bytes(op, tensor_bytes, size)
+    ledger.log(CommEvent(op, dist.get_rank(), peer, sent, phase, step))
+
+
+def _nbytes(x: torch.Tensor) -> int:
+    return x.numel() * x.element_size()
+
+
+class RingShift:
+    """Tensors on their way to the next rank of a ring, while ours arrive from the previous one.
+
+    Started by :func:`ring_shift` (non-blocking, so the caller computes while blocks travel);
+    :meth:`wait` returns the tensors received from the previous rank.
+    """
+
+    def __init__(self, tensors: list[torch.Tensor], group, *, phase: str, step: int) -> None:
+        rank, size = rank_and_size(group)
+        self.received = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in tensors]
+        if size == 1:
+            self.received, self.requests = tensors, []
+            return
+        next_rank, prev_rank = (
+            global_rank(group, (rank + 1) % size),
+            global_rank(group, (rank - 1) % size),
+        )
+        operations = []
+        for x, buffer in zip(tensors, self.received):
+            _log("send", group, next_rank, _nbytes(x), phase, step)
+            operations.append(dist.P2POp(dist.isend, x.contiguous(), next_rank, group))
+            operations.append(dist.P2POp(dist.irecv, buffer, prev_rank, group))
+        self.requests = dist.batch_isend_irecv(operations)
+
+    def wait(self) -> list[torch.Tensor]:
+        """Block until every transfer is done; return what the previous rank sent."""
+        for request in self.requests:
+            request.wait()
+        return self.received
+
+
+def ring_shift(tensors: list[torch.Tensor], group, *, phase: str, step: int) -> RingShift:
+    """Send ``tensors`` to the next rank of ``group`` and receive the previous rank's (async)."""
+    return RingShift(tensors, group, phase=phase, step=step)
+
+
+def send(x: torch.Tensor, dst: int, group, *, phase: str, step: int = 0) -> None:
+    """Send ``x`` to group rank ``dst`` (blocking)."""
+    peer = global_rank(group, dst)
+    _log("send", group, peer, _nbytes(x), phase, step)
+    dist.send(x.contiguous(), peer, group=group)
+
+
+def recv(like: torch.Tensor, src: int, group) -> torch.Tensor:
+    """Receive a tensor shaped like ``like`` from group rank ``src`` (receives are not logged)."""
+    buffer = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+    dist.recv(buffer, global_rank(group, src), group=group)
+    return buffer
+
+
+def all_to_all(
+    chunks: list[torch.Tensor], group, *, phase: str, step: int = 0
+) -> list[torch.Tensor]:
+    """``chunks[j]`` goes to group rank j; returns ``received[i]`` from group rank i.
+
+    All chunks have one shape; this rank's input is all of them (one stays home).
+    """
+    _, size = rank_and_size(group)
+    if size == 1:
+        return chunks
+    stacked = torch.stack(chunks)  # (W, *chunk)
+    _log("all_to_all", group, None, _nbytes(stacked), phase, step)
+    received = torch.empty_like(stacked)
+    dist.all_to_all_single(received, stacked, group=group)
+    return list(received.unbind(0))
+
+
+def all_gather(x: torch.Tensor, group, *, phase: str, step: int = 0) -> list[torch.Tensor]:
+    """Every group rank's ``x``, in group-rank order."""
+    _, size = rank_and_size(group)
+    if size == 1:
+        return [x]
+    _log("all_gather", group, None, _nbytes(x), phase, step)
+    gathered = x.new_empty((size, *x.shape))
+    _all_gather(gathered, x.contiguous(), group=group)
+    return list(gathered.unbind(0))
+
+
+def reduce_scatter(chunks: list[torch.Tensor], group, *, phase: str, step: int = 0) -> torch.Tensor:
+    """``chunks[j]`` is this rank's contribution to group rank j; returns the sum of ours."""
+    rank, size = rank_and_size(group)
+    if size == 1:
+        return chunks[0]
+    _log("reduce_scatter", group, None, _nbytes(chunks[rank]), phase, step)
+    output = torch.empty(chunks[rank].shape, dtype=chunks[rank].dtype, device=chunks[rank].device)
+    _reduce_scatter(output, torch.stack(chunks), group=group)
+    return output
+
+
+def all_reduce(x: torch.Tensor, group, *, phase: str, step: int = 0) -> torch.Tensor:
+    """The sum of every group rank's ``x`` (a new tensor; ``x`` is untouched)."""
+    _, size = rank_and_size(group)
+    if size == 1:
+        return x
+    _log("all_reduce", group, None, _nbytes(x), phase, step)
+    total = x.clone(memory_format=torch.contiguous_format)
+    dist.all_reduce(total, group=group)
+    return total

@@ -1,0 +1,135 @@
+"""Ring attention on ``torch.distributed``: K and V blocks travel the ring, each rank merges by LSE.
+
+Mirrors ``oracle/ring.py`` step for step (same step names, same order of messages); here each
+process is one rank, and the next block's transfer is started before this block's compute so the
+two overlap.
+
+Forward (W steps): at step s this rank holds the K, V block of ``src = (rank - s) % W``, attends its
+queries to it (masks from global positions) and merges by log-sum-exp (online softmax).
+Backward (W steps): K and V travel again, the dK, dV accumulators travel with them, and one last
+hop brings each accumulator home.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sptutor import backends, blocks, comm, layout
+from sptutor.checks import check_qkv
+
+
+def _forward(q, k, v, positions, causal, scale, group, backend):
+    """q: (B, S/W, Hq, D); k, v: (B, S/W, Hkv, D); positions: W x (S/W,), every group rank's.
+
+    Returns out: (B, S/W, Hq, D) in q's dtype and lse: (B, Hq, S/W) in the accumulation dtype.
+    """
+    rank, W = comm.rank_and_size(group)
+    acc = blocks.accumulation_dtype(q.dtype)
+    batch, seq_local, heads_q, _ = q.shape
+    out = torch.zeros(q.shape, dtype=acc, device=q.device)
+    lse = torch.full((batch, heads_q, seq_local), float("-inf"), dtype=acc, device=q.device)
+    kv_from_prev_rank = [k, v]
+    for step in range(W):
+        src = (rank - step) % W  # whose block this rank holds now
+        if step < W - 1:  # start passing the block on; it travels while we compute
+            shift = comm.ring_shift(kv_from_prev_rank, group, phase="forward", step=step)
+        k_block, v_block = kv_from_prev_rank
+        if _visible(positions[rank], positions[src], causal):
+            block_out, block_lse = backends.attention_forward(
+                backend, q, k_block, v_block, positions[rank], positions[src], causal, scale
+            )
+            # merge partial outputs by their LSE (online softmax)
+            out, lse = blocks.merge(out, lse, block_out, block_lse)
+        if step < W - 1:
+            kv_from_prev_rank = shift.wait()
+    return out.to(q.dtype), lse
+
+
+def _backward(dout, q, k, v, out, lse, positions, causal, scale, group, backend):
+    """dout, out: (B, S/W, Hq, D); lse: (B, Hq, S/W); q, k, v as in ``_forward``.
+
+    Returns dq: (B, S/W, Hq, D) and dk, dv: (B, S/W, Hkv, D), in q's dtype.
+    """
+    rank, W = comm.rank_and_size(group)
+    acc = blocks.accumulation_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    kv_from_prev_rank = [k, v]
+    dkv_from_prev_rank = [torch.zeros(k.shape, dtype=acc, device=k.device) for _ in range(2)]
+    for step in range(W):
+        src = (rank - step) % W
+        if step < W - 1:
+            shift = comm.ring_shift(kv_from_prev_rank, group, phase="backward", step=step)
+        k_block, v_block = kv_from_prev_rank
+        if _visible(positions[rank], positions[src], causal):
+            block_dq, block_dk, block_dv = backends.attention_backward(
+                backend, dout, q, k_block, v_block, out, lse,
+                positions[rank], positions[src], causal, scale,
+            )  # fmt: skip
+            dq += block_dq
+            dk_acc, dv_acc = dkv_from_prev_rank
+            dkv_from_prev_rank = [dk_acc + block_dk, dv_acc + block_dv]
+        if step < W - 1:
+            kv_from_prev_rank = shift.wait()
+        # dK, dV accumulators travel with their block; after the last step this hop brings them home
+        dkv_shift = comm.ring_shift(dkv_from_prev_rank, group, phase="backward", step=step)
+        dkv_from_prev_rank = dkv_shift.wait()
+    dk, dv = dkv_from_prev_rank
+    return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
+
+
+def _visible(q_pos, k_pos, causal):
+    """Does any query see any key of the block? (fully masked blocks are not computed)"""
+    return not causal or bool(q_pos.max() >= k_pos.min())
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, positions, causal, scale, group, backend):
+        out, lse = _forward(q, k, v, positions, causal, scale, group, backend)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.options = (positions, causal, scale, group, backend)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(dout.contiguous(), q, k, v, out, lse, *ctx.options)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    layout: str = "contiguous",
+    group=None,
+    backend: str = "auto",
+    scale: float | None = None,
+    return_lse: bool = False,
+):
+    """Ring attention over the ranks of ``group``; call on every rank with its own shards.
+
+    q: (B, S/W, Hq, D) this rank's queries; k, v: (B, S/W, Hkv, D) its keys and values, as
+    ``sptutor.layout.shard(x, world=W, layout=layout)[rank]`` makes them.
+    Returns out: (B, S/W, Hq, D) this rank's output (differentiable), and with ``return_lse`` also
+    lse: (B, Hq, S/W) (detached, float32; float64 for float64 inputs).
+    """
+    check_qkv(q, k, v)
+    _, W = comm.rank_and_size(group)
+    positions = _positions(q.shape[1] * W, W, layout, device=q.device)
+    backend = backends.resolve(backend, q)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out, lse = _RingAttention.apply(q, k, v, positions, causal, scale, group, backend)
+    return (out, lse) if return_lse else out
+
+
+def _positions(seq_len, world, lay, device, ulysses=1):
+    """Every group rank's global positions: W x (S/W,) (checks the layout's sizes first)."""
+    layout.check_layout(seq_len, world=world, layout=lay, ulysses=ulysses)
+    return [
+        layout.positions(seq_len, world=world, rank=r, layout=lay, ulysses=ulysses).to(device)
+        for r in range(world)
+    ]
