@@ -12,11 +12,21 @@ outputs do not, and one rule must serve both.
 - float16 / bfloat16: no fixed number is honest (it depends on S, D and the data), so the error
   must be at most 2× (3× for gradients) that of plain torch attention computed in the same dtype
   against the same float64 truth: "no worse than the naive baseline".
+
+The second half is the oracle API for other implementations: :func:`run_case` runs an attention
+function (sptutor's, or yours) on each rank, and :func:`compare_with_oracle` checks every rank's
+shards, messages and saved-for-backward bytes against ``oracle.simulate``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
+import torch.distributed as dist
+
+import sptutor
+from sptutor import layout, ledger, oracle
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 BASELINE_FACTOR = {"output": 2.0, "gradient": 3.0}
@@ -86,3 +96,110 @@ def assert_no_worse_than_baseline(
             f"{baseline_error:.3e}"
         )
     return error
+
+
+# ---- Real code vs oracle: run a method on every rank, compare with ``oracle.simulate`` ----
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One call of a real method on the global ranks ``members``, with seeded full inputs."""
+
+    method: str
+    members: tuple[int, ...]
+    layout: str
+    causal: bool
+    batch: int
+    seq_len: int
+    heads_q: int
+    heads_kv: int
+    head_dim: int
+    dtype: str = "float64"
+    seed: int = 0
+
+    def inputs(self) -> tuple[torch.Tensor, ...]:
+        """Full q, dout: (B, S, Hq, D) and k, v: (B, S, Hkv, D); the same on every process."""
+        generator = torch.Generator().manual_seed(self.seed)
+        q_shape = (self.batch, self.seq_len, self.heads_q, self.head_dim)
+        kv_shape = (self.batch, self.seq_len, self.heads_kv, self.head_dim)
+        dtype = getattr(torch, self.dtype)
+        return tuple(
+            torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
+            for shape in (q_shape, kv_shape, kv_shape, q_shape)
+        )
+
+
+def run_case(case: Case, group, attention=None) -> dict:
+    """On one member rank: forward and backward of ``attention`` on this rank's shards.
+
+    ``attention(q, k, v, *, causal, layout, group, return_lse)`` defaults to sptutor's method
+    ``case.method``; pass your own to check it. Returns this rank's out, lse, dq, dk, dv, its
+    message events (``CommEvent.key()``) and the bytes autograd saved for backward.
+    """
+    attention = attention or getattr(sptutor, f"{case.method}_attention")
+    local = dist.get_rank(group)
+    shards = (
+        layout.shard(x, world=len(case.members), layout=case.layout)[local] for x in case.inputs()
+    )
+    q, k, v, dout = shards
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    options = dict(causal=case.causal, layout=case.layout, group=group)
+    saved = []
+
+    def count_saved(x):
+        saved.append(x.numel() * x.element_size())
+        return x
+
+    with ledger.record() as led:
+        with torch.autograd.graph.saved_tensors_hooks(count_saved, lambda x: x):
+            out = attention(q, k, v, **options)
+        out.backward(dout)
+    with torch.no_grad():
+        _, lse = attention(q, k, v, return_lse=True, **options)
+    messages = [event.key() for event in led.messages()]
+    return dict(out=out.detach(), lse=lse, dq=q.grad, dk=k.grad, dv=v.grad, messages=messages,
+                saved=sum(saved))  # fmt: skip
+
+
+@dataclasses.dataclass
+class Comparison:
+    """How one rank's real results compare with the oracle's."""
+
+    rank: int
+    errors: dict[str, float]
+    ledger_match: bool
+    saved_bytes: int
+    oracle_saved_bytes: int
+
+    def problems(self, dtype: torch.dtype) -> list[str]:
+        """What breaks DESIGN §7's tolerance, the ledger or the saved bytes (empty if nothing)."""
+        found = [
+            f"{name} error {e:.2e}" for name, e in self.errors.items() if not e <= tolerance(dtype)
+        ]
+        if not self.ledger_match:
+            found.append("ledger differs from the oracle's")
+        if self.saved_bytes != self.oracle_saved_bytes:
+            found.append(f"saved {self.saved_bytes} bytes, oracle {self.oracle_saved_bytes}")
+        return [f"rank {self.rank}: {problem}" for problem in found]
+
+
+def compare_with_oracle(case: Case, per_rank: dict[int, dict]) -> list[Comparison]:
+    """Compare member ranks' ``run_case`` results with ``oracle.simulate`` on the same inputs."""
+    q, k, v, dout = case.inputs()
+    sim = oracle.simulate(case.method, q, k, v, dout, world=len(case.members), causal=case.causal,
+                          layout=case.layout)  # fmt: skip
+    comparisons = []
+    for local, rank in enumerate(case.members):
+        real, expected = per_rank[rank], sim.ranks[local]
+        errors = {name: relative_error(real[name], getattr(expected, name))
+                  for name in ("out", "lse", "dq", "dk", "dv")}  # fmt: skip
+        oracle_messages = [_to_global(e.key(), case.members) for e in sim.ledger.messages(local)]
+        comparisons.append(Comparison(rank, errors, real["messages"] == oracle_messages,
+                                      real["saved"], expected.saved_bytes))  # fmt: skip
+    return comparisons
+
+
+def _to_global(key: tuple, members: tuple[int, ...]) -> tuple:
+    """An oracle event key with group ranks replaced by the global ranks of ``members``."""
+    op, rank, peer, nbytes, phase, step = key
+    return (op, members[rank], None if peer is None else members[peer], nbytes, phase, step)
