@@ -103,7 +103,10 @@ def assert_no_worse_than_baseline(
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """One call of a real method on the global ranks ``members``, with seeded full inputs."""
+    """One call of a real method on the global ranks ``members``, with seeded full inputs.
+
+    ``ulysses`` is USP's Ulysses degree U; ``decay`` the per-head decay of linear methods.
+    """
 
     method: str
     members: tuple[int, ...]
@@ -116,6 +119,12 @@ class Case:
     head_dim: int
     dtype: str = "float64"
     seed: int = 0
+    ulysses: int | None = None
+    decay: tuple[float, ...] | None = None
+
+    @property
+    def is_linear(self) -> bool:
+        return self.method in oracle.LINEAR_METHODS
 
     def inputs(self) -> tuple[torch.Tensor, ...]:
         """Full q, dout: (B, S, Hq, D) and k, v: (B, S, Hkv, D); the same on every process."""
@@ -128,22 +137,42 @@ class Case:
             for shape in (q_shape, kv_shape, kv_shape, q_shape)
         )
 
+    def decay_tensor(self) -> torch.Tensor | None:
+        """decay as a (Hq,) tensor of the inputs' dtype, or None."""
+        return (
+            None
+            if self.decay is None
+            else torch.tensor(self.decay, dtype=getattr(torch, self.dtype))
+        )
 
-def run_case(case: Case, group, attention=None) -> dict:
+    def options(self, group, mesh) -> dict:
+        """Keyword arguments of the real method: DESIGN §4's signature for ``method``."""
+        if self.is_linear:
+            return dict(causal=self.causal, decay=self.decay_tensor(), group=group)
+        if self.method == "usp":
+            return dict(causal=self.causal, layout=self.layout, mesh=mesh)
+        return dict(causal=self.causal, layout=self.layout, group=group)
+
+    def shards(self, local: int) -> tuple[torch.Tensor, ...]:
+        """This group rank's q, k, v, dout shards."""
+        world, lay, degree = len(self.members), self.layout, self.ulysses or 1
+        return tuple(
+            layout.shard(x, world=world, layout=lay, ulysses=degree)[local] for x in self.inputs()
+        )
+
+
+def run_case(case: Case, group, attention=None, mesh=None) -> dict:
     """On one member rank: forward and backward of ``attention`` on this rank's shards.
 
-    ``attention(q, k, v, *, causal, layout, group, return_lse)`` defaults to sptutor's method
-    ``case.method``; pass your own to check it. Returns this rank's out, lse, dq, dk, dv, its
-    message events (``CommEvent.key()``) and the bytes autograd saved for backward.
+    ``attention`` defaults to sptutor's ``<case.method>_attention``; pass your own (same
+    keywords, DESIGN §4) to check it. ``mesh`` is the ``make_usp_mesh`` result for usp.
+    Returns this rank's out, lse (None for linear methods), dq, dk, dv, its message events
+    (``CommEvent.key()``) and the bytes autograd saved for backward.
     """
     attention = attention or getattr(sptutor, f"{case.method}_attention")
-    local = dist.get_rank(group)
-    shards = (
-        layout.shard(x, world=len(case.members), layout=case.layout)[local] for x in case.inputs()
-    )
-    q, k, v, dout = shards
+    q, k, v, dout = case.shards(dist.get_rank(group))
     q, k, v = (x.requires_grad_() for x in (q, k, v))
-    options = dict(causal=case.causal, layout=case.layout, group=group)
+    options = case.options(group, mesh)
     saved = []
 
     def count_saved(x):
@@ -154,8 +183,10 @@ def run_case(case: Case, group, attention=None) -> dict:
         with torch.autograd.graph.saved_tensors_hooks(count_saved, lambda x: x):
             out = attention(q, k, v, **options)
         out.backward(dout)
-    with torch.no_grad():
-        _, lse = attention(q, k, v, return_lse=True, **options)
+    lse = None
+    if not case.is_linear:
+        with torch.no_grad():
+            _, lse = attention(q, k, v, return_lse=True, **options)
     messages = [event.key() for event in led.messages()]
     return dict(out=out.detach(), lse=lse, dq=q.grad, dk=k.grad, dv=v.grad, messages=messages,
                 saved=sum(saved))  # fmt: skip
@@ -186,13 +217,15 @@ class Comparison:
 def compare_with_oracle(case: Case, per_rank: dict[int, dict]) -> list[Comparison]:
     """Compare member ranks' ``run_case`` results with ``oracle.simulate`` on the same inputs."""
     q, k, v, dout = case.inputs()
-    sim = oracle.simulate(case.method, q, k, v, dout, world=len(case.members), causal=case.causal,
-                          layout=case.layout)  # fmt: skip
+    sim = oracle.simulate(
+        case.method, q, k, v, dout, world=len(case.members), causal=case.causal,
+        layout=case.layout, ulysses=case.ulysses, decay=case.decay_tensor(),
+    )  # fmt: skip
+    names = ("out", "dq", "dk", "dv") if case.is_linear else ("out", "lse", "dq", "dk", "dv")
     comparisons = []
     for local, rank in enumerate(case.members):
         real, expected = per_rank[rank], sim.ranks[local]
-        errors = {name: relative_error(real[name], getattr(expected, name))
-                  for name in ("out", "lse", "dq", "dk", "dv")}  # fmt: skip
+        errors = {name: relative_error(real[name], getattr(expected, name)) for name in names}
         oracle_messages = [_to_global(e.key(), case.members) for e in sim.ledger.messages(local)]
         comparisons.append(Comparison(rank, errors, real["messages"] == oracle_messages,
                                       real["saved"], expected.saved_bytes))  # fmt: skip

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from hypothesis import strategies as st
 
 from sptutor import launch, layout
+from sptutor.mesh import make_usp_mesh
 from sptutor.testing import Case, compare_with_oracle, run_case
 
 LAUNCH_WORLD = 4
@@ -36,10 +37,18 @@ def softmax_cases(draw, method: str) -> Case:
 
 
 def run_on_rank(rank: int, world: int, cases: list[Case]) -> list[dict | None]:
-    """Body of each process: make the sub-groups (collective), run the cases it belongs to."""
+    """Body of each process: make the sub-groups and USP meshes (collective), run its cases."""
     groups = {members: dist.new_group(list(members)) for members in GROUPS}
+    usp_layouts = sorted({(c.members, c.ulysses) for c in cases if c.method == "usp"})
+    meshes = {
+        (members, degree): make_usp_mesh(degree, len(members) // degree, groups[members])
+        for members, degree in usp_layouts
+    }
     return [
-        run_case(case, groups[case.members]) if rank in case.members else None for case in cases
+        run_case(c, groups[c.members], mesh=meshes.get((c.members, c.ulysses)))
+        if rank in c.members
+        else None
+        for c in cases
     ]
 
 

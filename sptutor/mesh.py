@@ -1,0 +1,62 @@
+"""The 2-D process mesh of USP (Fang & Zhao 2024): Ulysses inside, ring outside.
+
+The W = U·R ranks of a group are laid out as R rows of U: Ulysses groups are U contiguous ranks
+(``rank = ring_index * U + ulysses_index``, the high-bandwidth all-to-all stays among neighbours,
+e.g. inside a node) and ring groups are the strided ranks that share an ulysses index. This is the
+layout of ``sptutor.layout`` with ``ulysses=U`` and of the USP paper's ``set_seq_parallel_pg``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class UspMesh:
+    """This rank's two process groups and the mesh's degrees.
+
+    ``ulysses_group`` holds the U ranks this rank does all-to-alls with; ``ring_group`` the R
+    ranks it passes K, V blocks around with; ``group`` the whole mesh (None = default group).
+    """
+
+    ulysses: int
+    ring: int
+    ulysses_group: dist.ProcessGroup
+    ring_group: dist.ProcessGroup
+    group: dist.ProcessGroup | None = None
+
+    @property
+    def world(self) -> int:
+        """W = U·R, the number of ranks in the mesh."""
+        return self.ulysses * self.ring
+
+
+def check_mesh_sizes(ulysses: int, ring: int, world: int) -> None:
+    """Raise ``ValueError`` unless ``U·R == W`` with both degrees >= 1."""
+    if ulysses < 1 or ring < 1 or ulysses * ring != world:
+        raise ValueError(f"usp needs U*R == W with U, R >= 1, got U={ulysses}, R={ring}, W={world}")
+
+
+def make_usp_mesh(
+    ulysses: int, ring: int, group: dist.ProcessGroup | None = None
+) -> UspMesh | None:
+    """Split ``group`` (default: the whole world) into Ulysses rows and ring columns.
+
+    Collective over the default world: every process calls it with the same arguments (torch
+    needs every process to take part in creating each new group). Returns this rank's mesh, or
+    None on a process outside ``group``.
+    """
+    members = dist.get_process_group_ranks(group or dist.group.WORLD)  # global ranks, in order
+    check_mesh_sizes(ulysses, ring, len(members))
+    rows = [members[i * ulysses : (i + 1) * ulysses] for i in range(ring)]  # contiguous ranks
+    columns = [members[j::ulysses] for j in range(ulysses)]  # strided ranks
+    row_groups = [dist.new_group(row) for row in rows]
+    column_groups = [dist.new_group(column) for column in columns]
+    me = dist.get_rank()
+    if me not in members:
+        return None
+    ulysses_group = next(g for row, g in zip(rows, row_groups) if me in row)
+    ring_group = next(g for column, g in zip(columns, column_groups) if me in column)
+    return UspMesh(ulysses, ring, ulysses_group, ring_group, group)
