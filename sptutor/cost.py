@@ -77,6 +77,170 @@ def ring(shape: Shape, world: int) -> Cost:
     return _same_for_every_rank(world, forward, backward, 2 * q_or_out + 2 * kv + lse)
 
 
+def rsa(shape: Shape, world: int) -> Cost:
+    """Ring Self-Attention (Li et al. 2021) over W ranks, per rank.
+
+    Forward: a ring of K, then a ring of V, W-1 hops each: ``2(W-1)·B·(S/W)·Hkv·D`` elements.
+    Backward: V and K again (W-1 hops each), and two all-reduces (dV, dK) of a full-length
+    (B, S, Hkv, D) gradient in the accumulation dtype, ``2(W-1)/W·B·S·Hkv·D`` elements each:
+    ``2(W-1)·kv + 4(W-1)·kv_acc``.
+    The paper (§3.2) counts ``2(N−1)·B·Z·(L/N)·A`` forward and ``6(N−1)·B·Z·(L/N)·A`` backward,
+    ``8(N−1)·B·Z·(L/N)·A`` in all. Ours is exactly that for float32/float64 multi-head attention
+    and differs in two ways: for 16-bit inputs the all-reduced gradients are float32, so they
+    cost twice the paper's bytes; and K, V and their gradients have Hkv heads, fewer than the
+    paper's Z = Hq under GQA/MQA.
+    Saved: this rank's q, k, v and its probabilities P (B, Hq, S/W, S) in the inputs' dtype:
+    O(S²/W), the ``B·Z·L²/N`` term of the paper's memory model.
+    """
+    tokens = shape.seq_len // world
+    kv = shape.tokens_bytes(tokens, shape.heads_kv)
+    kv_acc = shape.tokens_bytes(tokens, shape.heads_kv, shape.acc_itemsize)
+    q = shape.tokens_bytes(tokens, shape.heads_q)
+    probs = shape.batch * shape.heads_q * tokens * shape.seq_len * shape.itemsize
+    forward = 2 * (world - 1) * kv
+    backward = 2 * (world - 1) * kv + 4 * (world - 1) * kv_acc
+    return _same_for_every_rank(world, forward, backward, q + 2 * kv + probs)
+
+
+def lss(shape: Shape, world: int) -> Cost:
+    """LSS Transformer (our reading of its abstract, DESIGN §1) over W ranks, per rank.
+
+    Forward: one all-gather of the fused [K‖V] shard: ``2(W-1)·B·(S/W)·Hkv·D`` elements, the
+    bytes of ring's forward in one collective instead of 2(W-1) sends.
+    Backward: one reduce-scatter of the fused [dK‖dV] in the accumulation dtype:
+    ``2(W-1)·kv_acc``.
+    Saved: this rank's q, out and LSE (B, Hq, S/W) in the accumulation dtype, O(S/W), plus the
+    gathered K and V of the whole sequence, ``2·B·S·Hkv·D`` elements in the inputs' dtype: O(S)
+    whatever W.
+    """
+    tokens = shape.seq_len // world
+    kv = shape.tokens_bytes(tokens, shape.heads_kv)
+    kv_acc = shape.tokens_bytes(tokens, shape.heads_kv, shape.acc_itemsize)
+    q_or_out = shape.tokens_bytes(tokens, shape.heads_q)
+    lse = shape.batch * shape.heads_q * tokens * shape.acc_itemsize
+    gathered_kv = 2 * shape.tokens_bytes(shape.seq_len, shape.heads_kv)
+    forward = 2 * (world - 1) * kv
+    backward = 2 * (world - 1) * kv_acc
+    return _same_for_every_rank(world, forward, backward, 2 * q_or_out + lse + gathered_kv)
+
+
+def _kv_heads_on_the_wire(shape: Shape, degree: int) -> int:
+    """Hkv, times W/Hkv when there are fewer K/V heads than Ulysses ranks (each is replicated)."""
+    return shape.heads_kv * max(1, degree // shape.heads_kv)
+
+
+def _ulysses_all_to_alls(shape: Shape, world: int, degree: int) -> int:
+    """Bytes a rank sends in one phase of Ulysses over ``degree`` = U of the W ranks.
+
+    Four all-to-alls of its (B, S/W, H, D) tensors, in the inputs' dtype: q, k, v, out forward;
+    dout, dq, dk, dv backward. Each puts ``(U-1)/U`` of the tensor on the wire (DESIGN §5).
+    """
+    tokens = shape.seq_len // world
+    q_like = shape.tokens_bytes(tokens, shape.heads_q)
+    kv_like = shape.tokens_bytes(tokens, _kv_heads_on_the_wire(shape, degree))
+    return sum(t * (degree - 1) // degree for t in (q_like, kv_like, kv_like, q_like))
+
+
+def ulysses(shape: Shape, world: int) -> Cost:
+    """DeepSpeed-Ulysses (Jacobs et al. 2023) over W ranks, per rank.
+
+    Forward: all-to-alls of q, k, v (sequence -> heads) and of out (heads -> sequence); backward:
+    of dout, and of dq, dk, dv back; all in the inputs' dtype. Per phase
+    ``(W-1)/W·(2·B·(S/W)·Hq·D + 2·B·(S/W)·Hkv'·D)`` elements, ``Hkv' = Hkv·max(1, W/Hkv)``.
+    USP Table 2 (v5) counts SP-Ulysses as 8 all-to-alls per layer, ``(8/N)·O(bs·L·d)`` per device:
+    the same 4 + 4, each ≈ bs·L·d/N elements with d = Hq·D and (N-1)/N rounded to 1. Ours counts
+    exact bytes, and K, V (and dK, dV) differ from the paper's d: under GQA they have Hkv < Hq
+    heads (the paper's GQA formula ``(4/N)·O(bs·L·d) + (4/N)·O(bs·L·d/G)``), and when Hkv < W each
+    K/V head is replicated W/Hkv times, so they carry W heads, more than Hkv (MQA: W times).
+    Saved: the heads-layout q, k, v, out (B, S, H/W, D) and lse (B, Hq/W, S): O(S/W).
+    """
+    heads_kv = _kv_heads_on_the_wire(shape, world)
+    q_or_out = shape.tokens_bytes(shape.seq_len, shape.heads_q // world)
+    kv = shape.tokens_bytes(shape.seq_len, heads_kv // world)
+    lse = shape.batch * (shape.heads_q // world) * shape.seq_len * shape.acc_itemsize
+    per_phase = _ulysses_all_to_alls(shape, world, world)
+    return _same_for_every_rank(world, per_phase, per_phase, 2 * q_or_out + 2 * kv + lse)
+
+
+_ring_attention = ring  # inside ``usp`` the keyword ``ring`` (the degree R) hides this function
+
+
+def usp(shape: Shape, *, ulysses: int, ring: int) -> Cost:
+    """USP (Fang & Zhao 2024) on a mesh of U ulysses x R ring ranks (W = U·R), per rank.
+
+    Ulysses' four all-to-alls per phase inside each group of U ranks, around ring attention over
+    R ranks on each rank's gathered S/R tokens and its Hq/U, Hkv'/U heads (``Hkv' =
+    Hkv·max(1, U/Hkv)``): the ring part costs exactly ``ring`` of that sub-shape, bytes and saved
+    tensors alike. So U = W is ``ulysses`` and U = 1 is ``ring``.
+    USP Table 2 (v5) bounds SP-Unified's activation traffic by ``≤ 4·O(bs·L·d)`` (P2P + 8
+    all-to-alls); ours is exact bytes, the ring's dK, dV accumulators in the accumulation dtype.
+    Saved: q, k, v, out (B, S/R, H/U, D) and lse (B, Hq/U, S/R), heads layout: O(S/W).
+    """
+    world = ulysses * ring
+    heads_q, heads_kv = shape.heads_q // ulysses, _kv_heads_on_the_wire(shape, ulysses) // ulysses
+    per_ring_rank = Shape(
+        shape.batch, shape.seq_len, heads_q, heads_kv, shape.head_dim, shape.dtype
+    )
+    ring_part = _ring_attention(per_ring_rank, ring)
+    all_to_alls = _ulysses_all_to_alls(shape, world, ulysses)
+    return _same_for_every_rank(
+        world,
+        all_to_alls + ring_part.forward[0],
+        all_to_alls + ring_part.backward[0],
+        ring_part.saved[0],
+    )
+
+
+def _state_bytes(shape: Shape) -> int:
+    """Bytes of one linear-attention state (B, Hq, D, D) in the accumulation dtype."""
+    return shape.batch * shape.heads_q * shape.head_dim**2 * shape.acc_itemsize
+
+
+def _linear_saved(shape: Shape, world: int, state_saved: tuple[bool, ...]) -> tuple[int, ...]:
+    """Per rank: its q, k, v shards, plus one state where ``state_saved[rank]``."""
+    tokens = shape.seq_len // world
+    qkv = shape.tokens_bytes(tokens, shape.heads_q) + 2 * shape.tokens_bytes(tokens, shape.heads_kv)
+    return tuple(qkv + (_state_bytes(shape) if kept else 0) for kept in state_saved)
+
+
+def lasp(shape: Shape, world: int, *, causal: bool) -> Cost:
+    """LASP (Sun et al. 2024) over W ranks, per rank.
+
+    A message is one state (B, Hq, D, D) in the accumulation dtype: ``B·Hq·D²`` elements whatever
+    S is — the LASP-2 paper's "B·H·d² per step", with H = Hq here because states are per query
+    head (DESIGN §2; under GQA, Hq/Hkv times a per-K/V-head state).
+    Causal: the paper's 2(W−1) sequential steps: rank t sends KV to t+1 in forward (the last rank
+    sends nothing) and dKV to t−1 in backward (rank 0 sends nothing).
+    Non-causal (ours): one all-reduce of K^T V forward and one of Q^T dO backward,
+    ``2·state·(W−1)//W`` each; the LASP-2 paper restates LASP-1 as a sequential scan there too.
+    Saved: q, k, v shards and the state read — the received KV_p0 (state caching; none on rank 0)
+    or, non-causal, KV_total.
+    """
+    state = _state_bytes(shape)
+    if causal:
+        forward = tuple(state if rank < world - 1 else 0 for rank in range(world))
+        backward = tuple(state if rank > 0 else 0 for rank in range(world))
+    else:
+        forward = backward = (2 * state * (world - 1) // world,) * world
+    state_saved = tuple(rank > 0 or not causal for rank in range(world))
+    return Cost(forward, backward, _linear_saved(shape, world, state_saved))
+
+
+def lasp2(shape: Shape, world: int, *, causal: bool) -> Cost:
+    """LASP-2 (Sun et al. 2025) over W ranks, per rank.
+
+    The paper's 2 collective steps per iteration, causal or not: one all-gather of the local
+    states (B, Hq, D, D) forward and one of the local dKV backward, accumulation dtype, "B·H·d²"
+    each as the paper counts a step. On the wire (DESIGN §5) an all-gather of T bytes puts
+    ``T·(W−1)`` on it per rank, so each rank sends ``state·(W−1)`` per phase: in total W times
+    what LASP's chain sends, in one step instead of W−1.
+    Saved: q, k, v shards and the state read — the prefix KV_p0 (none on rank 0) or KV_total.
+    """
+    gather = _state_bytes(shape) * (world - 1)
+    state_saved = tuple(rank > 0 or not causal for rank in range(world))
+    return Cost((gather,) * world, (gather,) * world, _linear_saved(shape, world, state_saved))
+
+
 def of(
     method: str, shape: Shape, world: int, *, causal: bool = False, ulysses: int | None = None
 ) -> Cost:

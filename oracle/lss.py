@@ -1,0 +1,126 @@
+"""LSS Transformer (Wang et al. 2023), emulated: a fused all-gather, then a fused reduce-scatter.
+
+This is **our reading of the paper's abstract** (DESIGN §1, PAPERS §2): its method section was not
+available to us. The abstract promises "fused communication" and no aggregation of partial
+self-attention; we read that as:
+
+Forward:
+
+1. One all-gather of the fused ``[K‖V]`` shard (K and V stacked into one tensor, so one
+   collective per rank, not two). Every rank then holds K and V of the whole sequence and keeps
+   them for backward — O(S·Hkv·D) memory per rank, the price of a single collective.
+2. Local attention: this rank's queries against each of the W gathered blocks (masks from the
+   block owner's global positions), merged by log-sum-exp (online softmax). Fully masked blocks
+   are skipped. The output stays local: nothing is aggregated.
+
+Backward:
+
+1. Local gradients of every gathered block (FlashAttention-2 form with the final out and LSE):
+   dq stays here; each block's dk, dv belong to the rank that owns those keys.
+2. One reduce-scatter of the fused ``[dK‖dV]`` (accumulation dtype) sums every rank's share of
+   each block and delivers it to its owner.
+
+Messages of every rank, in order: forward one all_gather, backward one reduce_scatter (step 0).
+It is exact attention by construction (the same sums as full attention, regrouped), whatever the
+paper itself does; its own exactness claim could not be checked. The abstract's "double gradient
+averaging" is, on our reading, about weight gradients over SP x DP, outside attention: not here.
+
+Saved for backward per rank: q, out, lse and the gathered K, V of all W blocks.
+Mirrors ``sptutor/lss.py`` step for step; here index ``r`` of each list is rank r.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sptutor import blocks
+from sptutor.oracle.world import RankRecord, World, nbytes
+
+
+def _macs(q, q_pos, k_pos, causal, backward=False):
+    """Useful multiply-adds of this rank's queries against one block."""
+    batch, _, heads_q, head_dim = q.shape
+    return blocks.attention_macs(q_pos, k_pos, causal, batch, heads_q, head_dim, backward=backward)
+
+
+def _all_gather_kv(world, k, v):
+    """One fused all-gather: k, v: W x (B, S/W, Hkv, D) -> kv_gathered: W x (W, 2, B, S/W, Hkv, D).
+
+    ``kv_gathered[rank][src]`` is rank src's ``[K‖V]`` as rank ``rank`` received it.
+    """
+    # K and V stacked into one tensor per rank, so that one collective moves both
+    fused = [torch.stack(kv_shards) for kv_shards in zip(k, v)]  # W x (2, B, S/W, Hkv, D)
+    gathered = world.all_gather(fused, phase="forward")
+    return [torch.stack(blocks_of_rank) for blocks_of_rank in gathered]
+
+
+def _forward(world, q, k, v, positions, causal, scale):
+    """q: W x (B, S/W, Hq, D); k, v: W x (B, S/W, Hkv, D); positions: W x (S/W,).
+
+    Returns out: W x (B, S/W, Hq, D) in q's dtype, lse: W x (B, Hq, S/W) in the accumulation
+    dtype, and kv_gathered: W x (W, 2, B, S/W, Hkv, D) (kept for backward).
+    """
+    acc = blocks.accumulation_dtype(q[0].dtype)
+    kv_gathered = _all_gather_kv(world, k, v)
+    out = [torch.zeros(x.shape, dtype=acc) for x in q]
+    lse = [torch.full((x.shape[0], x.shape[2], x.shape[1]), float("-inf"), dtype=acc) for x in q]
+    for rank in range(world.size):
+        for src, (k_block, v_block) in enumerate(kv_gathered[rank]):
+            macs = _macs(q[rank], positions[rank], positions[src], causal)
+            if macs == 0:
+                continue  # fully masked by positions: nothing to compute
+            block_out, block_lse = blocks.attention_block(
+                q[rank], k_block, v_block, positions[rank], positions[src], causal, scale
+            )
+            world.compute(rank, macs, "forward")
+            # merge partial outputs by their LSE (online softmax)
+            out[rank], lse[rank] = blocks.merge(out[rank], lse[rank], block_out, block_lse)
+    return [o.to(q[0].dtype) for o in out], lse, kv_gathered
+
+
+def _backward(world, dout, q, kv_gathered, out, lse, positions, causal, scale):
+    """dout, out: W x (B, S/W, Hq, D); lse: W x (B, Hq, S/W); kv_gathered as ``_forward`` kept it.
+
+    Returns dq: W x (B, S/W, Hq, D) and dk, dv: W x (B, S/W, Hkv, D), in q's dtype.
+    """
+    acc = blocks.accumulation_dtype(q[0].dtype)
+    dq = [torch.zeros(x.shape, dtype=acc) for x in q]
+    # dkv_shares[rank][src]: rank's share of src's [dK‖dV], (2, B, S/W, Hkv, D); 0 if masked
+    dkv_shares = [[torch.zeros(kv.shape, dtype=acc) for kv in held] for held in kv_gathered]
+    for rank in range(world.size):
+        for src, (k_block, v_block) in enumerate(kv_gathered[rank]):
+            macs = _macs(q[rank], positions[rank], positions[src], causal, backward=True)
+            if macs == 0:
+                continue
+            block_dq, block_dk, block_dv = blocks.attention_block_backward(
+                dout[rank], q[rank], k_block, v_block, out[rank], lse[rank],
+                positions[rank], positions[src], causal, scale,
+            )  # fmt: skip
+            world.compute(rank, macs, "backward")
+            dq[rank] += block_dq
+            dkv_shares[rank][src] = torch.stack((block_dk, block_dv))
+    # one fused reduce-scatter: the owner of each block receives the sum of every rank's share
+    dkv = world.reduce_scatter(dkv_shares, phase="backward")  # W x (2, B, S/W, Hkv, D)
+    dtype = q[0].dtype
+    return [x.to(dtype) for x in dq], [x[0].to(dtype) for x in dkv], [x[1].to(dtype) for x in dkv]
+
+
+def emulate(
+    world: World, q, k, v, dout, *, positions, causal: bool, scale: float
+) -> list[RankRecord]:
+    """Run LSS (our reading) on the emulated ``world``; returns one ``RankRecord`` per rank.
+
+    q: W x (B, S/W, Hq, D); k, v: W x (B, S/W, Hkv, D); dout: like q, or None (forward only);
+    positions: W x (S/W,) the global positions each rank owns. Each rank keeps q, out, lse and the
+    gathered K, V of the whole sequence for backward (``saved_bytes``): O(S).
+    """
+    out, lse, kv_gathered = _forward(world, q, k, v, positions, causal, scale)
+    records = [
+        RankRecord(out=o, lse=l, saved_bytes=sum(map(nbytes, (qr, o, l, kv))))
+        for qr, o, l, kv in zip(q, out, lse, kv_gathered)
+    ]
+    if dout is not None:
+        grads = _backward(world, dout, q, kv_gathered, out, lse, positions, causal, scale)
+        for record, dq, dk, dv in zip(records, *grads):
+            record.dq, record.dk, record.dv = dq, dk, dv
+    return records
