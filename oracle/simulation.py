@@ -7,7 +7,7 @@ import importlib
 import torch
 
 from sptutor import layout as layouts
-from sptutor.checks import check_decay, check_qkv
+from sptutor.checks import check_decay, check_linear_layout, check_qkv
 from sptutor.oracle.world import Simulation, World
 
 SOFTMAX_METHODS = ("rsa", "ring", "ulysses", "usp", "lss")
@@ -43,6 +43,7 @@ def _check_options(method, q, k, v, dout, world, causal, layout, ulysses, decay,
             f"ulysses= is required for usp and only for usp, got {method=}, {ulysses=}"
         )
     if method in LINEAR_METHODS:
+        check_linear_layout(layout)
         if scale is not None:
             raise ValueError(f"{method} is linear attention: it takes no scale, got scale={scale}")
         check_decay(decay, q.shape[2], causal)

@@ -12,6 +12,10 @@ Softmax attention (DESIGN §2, §6):
 - :func:`attention_block_backward` — the FlashAttention-2 backward of one block, given the *final*
   output and LSE of the rows (so block gradients simply add up).
 
+Linear attention (DESIGN §2), in the section at the end: :func:`linear_chunk_forward` and
+:func:`linear_chunk_backward` (one chunk, with its incoming and outgoing state and a per-head
+decay) and the pieces they are made of, which LASP and LASP-2 schedule differently.
+
 Blocks compute in float32 for 16-bit inputs and in float64 for float64 inputs (the accumulation
 dtype); callers cast the final output back.
 """
@@ -168,3 +172,254 @@ def attention_block_backward(
     dq = torch.einsum("bhgqk,bkhd->bqhgd", dscores, k.to(acc)) * scale
     dk = torch.einsum("bhgqk,bqhgd->bkhd", dscores, _group_queries(q, heads_kv).to(acc)) * scale
     return dq.reshape(batch, seq_q, heads_q, head_dim), dk, dv
+
+
+# ==================================================================================================
+# Linear attention (DESIGN §2): unnormalised, causal with a per-head decay, state per query head.
+#
+# A chunk of C tokens starting after global position p0 splits into a part that needs no state
+# (``linear_chunk_intra``) and parts that read or build the state ``KV_p0: (B, Hq, D, D)``
+# (``linear_readout``, ``linear_local_state``, ``linear_carry``); ``linear_chunk_forward`` and
+# ``linear_chunk_backward`` put them together. Non-causal attention is the same pieces with
+# ``decay=None`` and no intra part: local state ``K^T V``, summed over ranks, read as ``q·KV``.
+# Everything computes in the accumulation dtype; states are returned in it.
+# ==================================================================================================
+
+# multiply-adds per token and per D² of each product of a chunk with a state (see linear_macs)
+_STATE_PRODUCTS = {
+    "readout": 1,  # q_i KV
+    "local_state": 1,  # k_i^T v_i
+    "readout_backward": 1,  # dO_i KV^T
+    "local_dstate": 1,  # q_i^T dO_i
+    "local_state_backward": 2,  # v_i dKV^T and k_i dKV
+}
+
+
+def _to_query_heads(x: torch.Tensor, heads_q: int) -> torch.Tensor:
+    """(B, C, Hkv, D) -> (B, C, Hq, D) in the accumulation dtype: K/V head h serves query heads
+    h·G .. h·G+G-1 (GQA, as the ground truth broadcasts them)."""
+    acc = x.to(accumulation_dtype(x.dtype))
+    return acc.repeat_interleave(heads_q // x.shape[2], dim=2)
+
+
+def _to_kv_heads(grad: torch.Tensor, heads_kv: int) -> torch.Tensor:
+    """(B, C, Hq, D) -> (B, C, Hkv, D): a shared K/V head gets the sum of its query heads' grads."""
+    batch, length, heads_q, head_dim = grad.shape
+    return grad.reshape(batch, length, heads_kv, heads_q // heads_kv, head_dim).sum(3)
+
+
+def linear_decay_powers(
+    decay: torch.Tensor | None,
+    heads_q: int,
+    length: int,
+    dtype: torch.dtype,
+    device: torch.device | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The decay weights of a chunk of ``length`` = C tokens, per query head.
+
+    decay: (Hq,) in (0, 1], or None (= 1). Returns, with offsets i, j in 0..C-1 inside the chunk,
+    mask (Hq, C, C): ``decay^(i-j)`` for i >= j, else 0 (the causal mask M);
+    q_decay (Hq, C): ``decay^(i+1)``, how much of the incoming state token i sees;
+    k_decay (Hq, C): ``decay^(C-1-i)``, how much of token i is left in the outgoing state;
+    chunk_decay (Hq,): ``decay^C``, how much of the incoming state is left in the outgoing one.
+    """
+    rates = torch.ones(heads_q, dtype=dtype, device=device) if decay is None else decay.to(dtype)
+    offsets = torch.arange(length, device=rates.device)
+    distance = offsets[:, None] - offsets[None, :]  # (C, C): i - j
+    powers = rates[:, None, None] ** distance.clamp(min=0)  # (Hq, C, C)
+    mask = torch.where(distance >= 0, powers, torch.zeros_like(powers))
+    q_decay = rates[:, None] ** (offsets + 1)  # (Hq, C)
+    k_decay = rates[:, None] ** (length - 1 - offsets)  # (Hq, C)
+    return mask, q_decay, k_decay, rates**length
+
+
+def linear_chunk_intra(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor | None
+) -> torch.Tensor:
+    """The part of a chunk's output that needs no state: ``[(Q K^T) ⊙ M] V``.
+
+    q: (B, C, Hq, D); k, v: (B, C, Hkv, D); decay: (Hq,) or None. Returns (B, C, Hq, D).
+    """
+    heads_q = q.shape[2]
+    q, k, v = _to_query_heads(q, heads_q), _to_query_heads(k, heads_q), _to_query_heads(v, heads_q)
+    mask = linear_decay_powers(decay, heads_q, q.shape[1], q.dtype, q.device)[0]
+    weights = torch.einsum("bihd,bjhd->bhij", q, k) * mask  # (B, Hq, C, C)
+    return torch.einsum("bhij,bjhe->bihe", weights, v)
+
+
+def linear_readout(
+    q: torch.Tensor, state: torch.Tensor, decay: torch.Tensor | None
+) -> torch.Tensor:
+    """What the chunk's queries read from an incoming state: ``o_i = decay^(i+1) q_i KV``.
+
+    q: (B, C, Hq, D); state: (B, Hq, D, D). Returns (B, C, Hq, D). Non-causal (decay None) this
+    is the whole output ``q·KV_total``.
+    """
+    q = _to_query_heads(q, q.shape[2])
+    q_decay = linear_decay_powers(decay, q.shape[2], q.shape[1], q.dtype, q.device)[1]
+    return torch.einsum("hi,bihd,bhde->bihe", q_decay, q, state.to(q.dtype))
+
+
+def linear_local_state(
+    k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor | None, *, heads_q: int
+) -> torch.Tensor:
+    """The chunk's own contribution to the outgoing state: ``sum_i decay^(C-1-i) k_i^T v_i``.
+
+    k, v: (B, C, Hkv, D). Returns (B, Hq, D, D), one state per query head (DESIGN §2). It is
+    ``KV_out`` for a zero incoming state; non-causal (decay None) it is ``K^T V``.
+    """
+    k, v = _to_query_heads(k, heads_q), _to_query_heads(v, heads_q)
+    k_decay = linear_decay_powers(decay, heads_q, k.shape[1], k.dtype, k.device)[2]
+    return torch.einsum("hi,bihd,bihe->bhde", k_decay, k, v)
+
+
+def linear_carry(
+    state: torch.Tensor | None, local: torch.Tensor, decay: torch.Tensor | None, length: int
+) -> torch.Tensor:
+    """One step of the chain: ``decay^C · state + local`` (state None = 0), all (B, Hq, D, D).
+
+    Forward it makes ``KV_out`` from ``KV_p0``; backward it makes ``dKV_p0`` from ``dKV_out``.
+    """
+    if state is None:
+        return local
+    chunk_decay = linear_decay_powers(decay, local.shape[1], length, local.dtype, local.device)[3]
+    return chunk_decay[:, None, None] * state.to(local.dtype) + local  # (B, Hq, D, D)
+
+
+def linear_chunk_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: torch.Tensor | None,
+    decay: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal linear attention of one chunk given the state before it (DESIGN §2).
+
+    q: (B, C, Hq, D); k, v: (B, C, Hkv, D); state: KV_p0 (B, Hq, D, D), or None (= 0, the first
+    chunk); decay: (Hq,) or None. Returns out (B, C, Hq, D) and KV_out (B, Hq, D, D).
+
+    Derivation: the chunk holds positions p0+1 .. p0+C (offset i is position p0+1+i). Split
+    ``o_i = sum_{j <= p0+1+i} decay^(p0+1+i-j) (q_i . k_j) v_j`` at the chunk's start:
+    keys in the chunk (offsets j <= i) give ``decay^(i-j) (q_i . k_j) v_j = ([(Q K^T) ⊙ M] V)_i``;
+    keys up to p0 give ``decay^(i+1) q_i sum_{j<=p0} decay^(p0-j) k_j^T v_j``, which is
+    ``decay^(i+1) q_i KV_p0``.
+    Likewise ``KV_out = KV_{p0+C} = decay^C KV_p0 + sum_i decay^(C-1-i) k_i^T v_i``.
+    """
+    out = linear_chunk_intra(q, k, v, decay)
+    if state is not None:
+        out = out + linear_readout(q, state, decay)
+    local = linear_local_state(k, v, decay, heads_q=q.shape[2])
+    return out, linear_carry(state, local, decay, q.shape[1])
+
+
+def linear_chunk_intra_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    decay: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``O = A V`` with ``A = (Q K^T) ⊙ M``: ``dV = A^T dO``,
+    ``dA = (dO V^T) ⊙ M``, ``dQ = dA K``, ``dK = dA^T Q``.
+
+    dout, q: (B, C, Hq, D); k, v: (B, C, Hkv, D). Returns dq (B, C, Hq, D), dk, dv (B, C, Hkv, D).
+    """
+    heads_q, heads_kv = q.shape[2], k.shape[2]
+    q, dout = _to_query_heads(q, heads_q), _to_query_heads(dout, heads_q)
+    k, v = _to_query_heads(k, heads_q), _to_query_heads(v, heads_q)  # (B, C, Hq, D)
+    mask = linear_decay_powers(decay, heads_q, q.shape[1], q.dtype, q.device)[0]
+    weights = torch.einsum("bihd,bjhd->bhij", q, k) * mask  # (B, Hq, C, C)
+    dweights = torch.einsum("bihe,bjhe->bhij", dout, v) * mask
+    dq = torch.einsum("bhij,bjhd->bihd", dweights, k)
+    dk = torch.einsum("bhij,bihd->bjhd", dweights, q)
+    dv = torch.einsum("bhij,bihe->bjhe", weights, dout)
+    return dq, _to_kv_heads(dk, heads_kv), _to_kv_heads(dv, heads_kv)
+
+
+def linear_readout_backward(
+    dout: torch.Tensor, state: torch.Tensor, decay: torch.Tensor | None
+) -> torch.Tensor:
+    """dq of :func:`linear_readout`: ``dq_i = decay^(i+1) dO_i KV^T``. (B, C, Hq, D)."""
+    dout = _to_query_heads(dout, dout.shape[2])
+    q_decay = linear_decay_powers(decay, dout.shape[2], dout.shape[1], dout.dtype, dout.device)[1]
+    return torch.einsum("hi,bihe,bhde->bihd", q_decay, dout, state.to(dout.dtype))
+
+
+def linear_local_dstate(
+    q: torch.Tensor, dout: torch.Tensor, decay: torch.Tensor | None
+) -> torch.Tensor:
+    """The chunk's own share of the gradient of the state it read: ``sum_i decay^(i+1) q_i^T dO_i``.
+
+    q, dout: (B, C, Hq, D). Returns (B, Hq, D, D); non-causal (decay None) it is ``Q^T dO``.
+    """
+    q, dout = _to_query_heads(q, q.shape[2]), _to_query_heads(dout, q.shape[2])
+    q_decay = linear_decay_powers(decay, q.shape[2], q.shape[1], q.dtype, q.device)[1]
+    return torch.einsum("hi,bihd,bihe->bhde", q_decay, q, dout)
+
+
+def linear_local_state_backward(
+    dstate: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dk, dv of :func:`linear_local_state` given dKV_out: (B, Hq, D, D).
+
+    ``dk_i = decay^(C-1-i) v_i dKV^T``, ``dv_i = decay^(C-1-i) k_i dKV``; k, v: (B, C, Hkv, D).
+    Returns dk, dv: (B, C, Hkv, D).
+    """
+    heads_q, heads_kv = dstate.shape[1], k.shape[2]
+    k, v = _to_query_heads(k, heads_q), _to_query_heads(v, heads_q)  # (B, C, Hq, D)
+    k_decay = linear_decay_powers(decay, heads_q, k.shape[1], k.dtype, k.device)[2]
+    dstate = dstate.to(k.dtype)
+    dk = torch.einsum("hi,bihe,bhde->bihd", k_decay, v, dstate)
+    dv = torch.einsum("hi,bihd,bhde->bihe", k_decay, k, dstate)
+    return _to_kv_heads(dk, heads_kv), _to_kv_heads(dv, heads_kv)
+
+
+def linear_chunk_backward(
+    dout: torch.Tensor,
+    dstate_out: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: torch.Tensor | None,
+    decay: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`linear_chunk_forward`, written out (no autograd).
+
+    dout: (B, C, Hq, D); dstate_out: dKV_out (B, Hq, D, D), or None (= 0: no later chunk);
+    q, k, v, state, decay as in the forward. Returns dq (B, C, Hq, D), dk, dv (B, C, Hkv, D) and
+    dKV_p0 (B, Hq, D, D), the gradient to hand to the previous chunk.
+
+    Derivation: with ``A = (Q K^T) ⊙ M``, ``a_i = decay^(i+1)``, ``b_i = decay^(C-1-i)``,
+    ``g = decay^C``, the forward is ``O = A V + diag(a) Q KV_p0`` and
+    ``KV_out = g KV_p0 + K^T diag(b) V``, so
+    ``dQ = dA K + diag(a) dO KV_p0^T`` with ``dA = (dO V^T) ⊙ M``;
+    ``dK = dA^T Q + diag(b) V dKV_out^T``; ``dV = A^T dO + diag(b) K dKV_out``;
+    ``dKV_p0 = g dKV_out + Q^T diag(a) dO``.
+    """
+    dq, dk, dv = linear_chunk_intra_backward(dout, q, k, v, decay)
+    if state is not None:
+        dq = dq + linear_readout_backward(dout, state, decay)
+    if dstate_out is not None:
+        dk_state, dv_state = linear_local_state_backward(dstate_out, k, v, decay)
+        dk, dv = dk + dk_state, dv + dv_state
+    dstate_in = linear_carry(dstate_out, linear_local_dstate(q, dout, decay), decay, q.shape[1])
+    return dq, dk, dv, dstate_in
+
+
+def linear_macs(part: str, batch: int, heads_q: int, length: int, head_dim: int) -> int:
+    """Useful multiply-adds of one piece of a chunk of C = ``length`` tokens, over B and Hq.
+
+    ``"intra"``: 2·D per visible pair (q·k, then ·v), C(C+1)/2 pairs; ``"intra_backward"``: 5·D
+    per pair (the weights again, dV, dA, dQ, dK), as :func:`attention_macs` counts softmax.
+    A product of the chunk with a state costs C·D²: ``"readout"``, ``"local_state"``,
+    ``"readout_backward"``, ``"local_dstate"`` one each, ``"local_state_backward"`` two (dk, dv).
+    The D×D additions of :func:`linear_carry` are elementwise and not counted.
+    """
+    if part in ("intra", "intra_backward"):
+        per_pair = 2 if part == "intra" else 5
+        return per_pair * batch * heads_q * head_dim * length * (length + 1) // 2
+    if part not in _STATE_PRODUCTS:
+        raise ValueError(
+            f"part must be intra, intra_backward or one of {tuple(_STATE_PRODUCTS)}, got {part!r}"
+        )
+    return _STATE_PRODUCTS[part] * batch * heads_q * length * head_dim**2

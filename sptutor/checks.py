@@ -47,3 +47,27 @@ def check_decay(decay: torch.Tensor | None, heads_q: int, causal: bool) -> None:
         raise ValueError(
             f"decay must lie in (0, 1], got min={decay.min().item()}, max={decay.max().item()}"
         )
+
+
+def check_ulysses_heads(heads_q: int, heads_kv: int, degree: int) -> None:
+    """Ulysses splits heads over ``degree`` = U ranks: Hq % U == 0, and the K/V heads either split
+    too (Hkv % U == 0) or are replicated U/Hkv times so each rank gets one (U % Hkv == 0, e.g. MQA).
+    """
+    if heads_q % degree or (heads_kv % degree and degree % heads_kv):
+        raise ValueError(
+            "ulysses needs Hq % U == 0 and (Hkv % U == 0 or U % Hkv == 0), "
+            f"got Hq={heads_q}, Hkv={heads_kv}, U={degree}"
+        )
+
+
+def check_linear_layout(layout: str) -> None:
+    """lasp and lasp2 take the contiguous layout only: the state is a running sum in sequence order.
+
+    Rank r must own the r-th chunk of the sequence, so that the state it receives (LASP) or
+    combines from the ranks before it (LASP-2) covers exactly the tokens before its own.
+    """
+    if layout != "contiguous":
+        raise ValueError(
+            "lasp and lasp2 need the contiguous layout: the state runs through the sequence in "
+            f"order, so rank r must own the r-th chunk, got layout={layout!r}"
+        )

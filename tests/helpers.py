@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from hypothesis import strategies as st
 
-from sptutor import cost, oracle
+from sptutor import cost, layout, oracle
 from sptutor.testing import assert_close, assert_no_worse_than_baseline
-from tests.strategies import heads, tensors, world_and_seq
+from tests.strategies import heads, scales, tensors, world_and_seq
 
 # float64 oracle vs float64 ground truth: the same math reordered (DESIGN §7), relative 1e-10.
 
@@ -25,11 +27,38 @@ def softmax_case(draw, max_world: int = 8, head_dims=(1, 3, 8, 24, 40, 72)):
         (batch, seq_len, heads_kv, head_dim),
         (batch, seq_len, heads_q, head_dim),
     )
-    # scores have std ~ scale·sqrt(D): keep it within 0.2..3 (realistic). A saturated softmax makes
-    # dq, dk tiny by cancellation in P(dP - delta) and their *relative* error meaningless.
-    scale = draw(st.one_of(st.none(), st.floats(0.2, 3.0).map(lambda f: f * head_dim**-0.5)))
+    scale = draw(scales(head_dim))
     return dict(q=q, k=k, v=v, dout=dout, world=world, layout=lay, causal=draw(st.booleans()),
                 scale=scale)  # fmt: skip
+
+
+@st.composite
+def mesh_case(draw, max_world: int = 8, pure_ulysses: bool = False):
+    """Full float64 inputs and options that fit a U x R mesh (W = U·R; U = W if pure_ulysses).
+
+    S splits over the R ring ranks under the layout, then over U; the heads follow the Ulysses rule
+    for U, K/V heads split (Hkv % U == 0) or replicated (U % Hkv == 0, Hkv < U: GQA/MQA).
+    """
+    world = draw(st.integers(1, max_world))
+    divisors = [u for u in range(1, world + 1) if world % u == 0]
+    degree = world if pure_ulysses else draw(st.sampled_from(divisors))
+    ring_degree, lay = world // degree, draw(st.sampled_from(layout.LAYOUTS))
+    seq_len = (2 * ring_degree if lay == "zigzag" else ring_degree) * degree
+    seq_len *= draw(st.integers(1, 2))
+    kv_choices = [h for h in range(1, 2 * degree + 1) if h % degree == 0 or degree % h == 0]
+    heads_kv = draw(st.sampled_from(kv_choices))
+    heads_q = math.lcm(degree, heads_kv) * draw(st.integers(1, 2))
+    batch, head_dim = draw(st.integers(1, 2)), draw(st.sampled_from((1, 3, 8, 24)))
+    q, k, v, dout = tensors(
+        draw(st.integers(0, 10**6)),
+        (batch, seq_len, heads_q, head_dim),
+        (batch, seq_len, heads_kv, head_dim),
+        (batch, seq_len, heads_kv, head_dim),
+        (batch, seq_len, heads_q, head_dim),
+    )
+    scale = draw(scales(head_dim))
+    return dict(q=q, k=k, v=v, dout=dout, world=world, layout=lay, causal=draw(st.booleans()),
+                scale=scale, ulysses=degree)  # fmt: skip
 
 
 def full_attention_with_grads(q, k, v, dout, causal, scale):
@@ -77,3 +106,11 @@ def assert_16_bit_no_worse_than_plain_attention(method: str, dtype: torch.dtype,
     for name, base, want in zip(("out", "lse", "dq", "dk", "dv"), baseline, truth):
         kind = "gradient" if name.startswith("d") else "output"
         assert_no_worse_than_baseline(getattr(sim, name), base, want, kind=kind, what=name)
+
+
+def state_after(k, v, decay, end, heads_q):
+    """KV after the first ``end`` tokens, by definition: sum_{j<end} decay^(end-1-j) k_j^T v_j."""
+    k, v = (x[:, :end].repeat_interleave(heads_q // x.shape[2], dim=2) for x in (k, v))
+    rates = torch.ones(heads_q, dtype=k.dtype) if decay is None else decay
+    weights = rates[:, None] ** (end - 1 - torch.arange(end))  # (Hq, end)
+    return torch.einsum("hj,bjhd,bjhe->bhde", weights, k, v)  # (B, Hq, D, D)

@@ -36,3 +36,20 @@ def world_and_seq(draw, max_world: int = 8, max_chunk: int = 3) -> tuple[int, st
 def positions(draw, length: int, max_pos: int = 20) -> torch.Tensor:
     """Arbitrary global positions (repeats and any order allowed): (length,)."""
     return torch.tensor(draw(st.lists(st.integers(0, max_pos), min_size=length, max_size=length)))
+
+
+@st.composite
+def decays(draw, heads_q: int):
+    """None (= 1) or a (Hq,) float64 decay in (0.5, 1]."""
+    rates = st.floats(0.5, 1.0, exclude_min=True)
+    values = draw(st.one_of(st.none(), st.lists(rates, min_size=heads_q, max_size=heads_q)))
+    return None if values is None else torch.tensor(values, dtype=torch.float64)
+
+
+def scales(head_dim: int):
+    """None (the default D ** -0.5) or a softmax scale giving scores of std ~0.2..3.
+
+    Scores have std ~ scale·sqrt(D); a saturated softmax makes dq, dk tiny by cancellation in
+    P ⊙ (dP - delta), and their *relative* error meaningless, so keep scales realistic.
+    """
+    return st.one_of(st.none(), st.floats(0.2, 3.0).map(lambda f: f * head_dim**-0.5))

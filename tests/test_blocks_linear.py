@@ -1,0 +1,136 @@
+"""Linear-attention chunk math (sptutor.blocks, DESIGN §2) against the ground truth and autograd."""
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sptutor import blocks
+from sptutor.oracle import reference
+from sptutor.testing import assert_close
+from tests.helpers import state_after
+from tests.strategies import HEAD_DIMS, decays, heads, tensors
+
+# Everything here is float64 and the same sums reordered (errors ~1e-16); linear outputs grow with
+# S, so every comparison is relative (DESIGN §7) with assert_close's 1e-10: far above rounding,
+# far below any real mistake (a wrong decay power or a missing chunk is an O(1e-2) error).
+
+
+@st.composite
+def chunked_case(draw, max_chunks: int = 4, max_chunk: int = 5):
+    """q, k, v, dout of a random shape, a decay, and cut points splitting S into chunks."""
+    lengths = draw(st.lists(st.integers(1, max_chunk), min_size=1, max_size=max_chunks))
+    seq_len, (heads_q, heads_kv) = sum(lengths), draw(heads())
+    batch, head_dim = draw(st.integers(1, 2)), draw(st.sampled_from(HEAD_DIMS))
+    q, k, v, dout = tensors(
+        draw(st.integers(0, 10**6)),
+        (batch, seq_len, heads_q, head_dim),
+        (batch, seq_len, heads_kv, head_dim),
+        (batch, seq_len, heads_kv, head_dim),
+        (batch, seq_len, heads_q, head_dim),
+    )
+    starts = [sum(lengths[:n]) for n in range(len(lengths) + 1)]
+    chunks = [slice(a, b) for a, b in itertools.pairwise(starts)]
+    return dict(q=q, k=k, v=v, dout=dout, decay=draw(decays(heads_q)), chunks=chunks)
+
+
+def run_chain(c):
+    """Chunks in sequence order, the state handed on: outputs and the state entering each chunk."""
+    state, outs, states_in = None, [], []
+    for part in c["chunks"]:
+        states_in.append(state)
+        out, state = blocks.linear_chunk_forward(
+            c["q"][:, part], c["k"][:, part], c["v"][:, part], state, c["decay"]
+        )
+        outs.append(out)
+    return torch.cat(outs, dim=1), states_in, state
+
+
+@given(chunked_case())
+def test_chained_chunks_equal_full_linear_attention(case):
+    """Any split into chunks, state chained: outputs and every state equal the definition."""
+    out, states_in, final_state = run_chain(case)
+    q, k, v, decay = case["q"], case["k"], case["v"], case["decay"]
+    assert_close(out, reference.full_linear_attention(q, k, v, causal=True, decay=decay))
+    for part, state in zip(case["chunks"], states_in):
+        assert (state is None) == (part.start == 0)
+        if state is not None:
+            assert_close(state, state_after(k, v, decay, part.start, q.shape[2]))
+    assert_close(final_state, state_after(k, v, decay, q.shape[1], q.shape[2]))
+
+
+@given(chunked_case())
+def test_chained_chunk_backward_equals_autograd_of_full_linear_attention(case):
+    """dKV handed back chunk by chunk (none into the last) gives the full dq, dk, dv."""
+    _, states_in, _ = run_chain(case)
+    dstate, grads = None, []
+    for part, state in reversed(list(zip(case["chunks"], states_in))):
+        *chunk_grads, dstate = blocks.linear_chunk_backward(
+            case["dout"][:, part], dstate, case["q"][:, part], case["k"][:, part],
+            case["v"][:, part], state, case["decay"],
+        )  # fmt: skip
+        grads.insert(0, chunk_grads)
+    q, k, v = (case[n].clone().requires_grad_() for n in ("q", "k", "v"))
+    reference.full_linear_attention(q, k, v, causal=True, decay=case["decay"]).backward(
+        case["dout"]
+    )
+    for n, expected in enumerate((q.grad, k.grad, v.grad)):
+        assert_close(torch.cat([g[n] for g in grads], dim=1), expected)
+
+
+@given(chunked_case(max_chunks=1, max_chunk=6), st.integers(0, 99))
+def test_chunk_backward_equals_autograd_including_the_states(case, seed):
+    """With a state in and a dKV_out: dq, dk, dv and dKV_p0 equal autograd of the forward."""
+    q, k, v, dout, decay = (case[n] for n in ("q", "k", "v", "dout", "decay"))
+    batch, _, heads_q, head_dim = q.shape
+    state, dstate_out = tensors(seed, *[(batch, heads_q, head_dim, head_dim)] * 2)
+    grads = blocks.linear_chunk_backward(dout, dstate_out, q, k, v, state, decay)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, state)]
+    out, state_out = blocks.linear_chunk_forward(*leaves, decay)
+    torch.autograd.backward((out, state_out), (dout, dstate_out))
+    for got, leaf in zip(grads, leaves):
+        assert_close(got, leaf.grad)
+
+
+@given(chunked_case())
+def test_noncausal_pieces_equal_full_noncausal_attention(case):
+    """Sum of local K^T V, read as q·KV_total; backward through the sum of Q^T dO: exact."""
+    q, k, v, dout, parts = (case[n] for n in ("q", "k", "v", "dout", "chunks"))
+    heads_q = q.shape[2]
+    total = sum(blocks.linear_local_state(k[:, p], v[:, p], None, heads_q=heads_q) for p in parts)
+    out = torch.cat([blocks.linear_readout(q[:, p], total, None) for p in parts], dim=1)
+    dq = torch.cat([blocks.linear_readout_backward(dout[:, p], total, None) for p in parts], dim=1)
+    dtotal = sum(blocks.linear_local_dstate(q[:, p], dout[:, p], None) for p in parts)
+    dkv = [blocks.linear_local_state_backward(dtotal, k[:, p], v[:, p], None) for p in parts]
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    expected = reference.full_linear_attention(*leaves, causal=False)
+    expected.backward(dout)
+    assert_close(out, expected.detach())
+    assert_close(dq, leaves[0].grad)
+    assert_close(torch.cat([g[0] for g in dkv], dim=1), leaves[1].grad)
+    assert_close(torch.cat([g[1] for g in dkv], dim=1), leaves[2].grad)
+
+
+def test_decay_of_one_is_no_decay_and_16_bit_inputs_accumulate_in_float32():
+    """decay=ones equals decay=None exactly; float16 inputs give float32 outputs and states."""
+    q, k, v = tensors(0, (1, 5, 2, 3), (1, 5, 1, 3), (1, 5, 1, 3))
+    state = tensors(1, (1, 2, 3, 3))[0]
+    with_ones = blocks.linear_chunk_forward(q, k, v, state, torch.ones(2, dtype=torch.float64))
+    without = blocks.linear_chunk_forward(q, k, v, state, None)
+    assert all(torch.equal(a, b) for a, b in zip(with_ones, without))
+    out, state_out = blocks.linear_chunk_forward(q.half(), k.half(), v.half(), None, None)
+    assert out.dtype == state_out.dtype == torch.float32
+
+
+def test_macs_count_the_matrix_products():
+    """Intra counts 2·D per visible pair (as softmax blocks do); a state product counts C·D²."""
+    pos = torch.arange(6)
+    softmax = blocks.attention_macs(pos, pos, True, 2, 3, 4)
+    assert blocks.linear_macs("intra", 2, 3, 6, 4) == softmax
+    assert blocks.linear_macs("intra_backward", 2, 3, 6, 4) == softmax * 5 // 2
+    assert blocks.linear_macs("readout", 2, 3, 6, 4) == 2 * 3 * 6 * 16
+    assert blocks.linear_macs("local_state_backward", 2, 3, 6, 4) == 2 * 2 * 3 * 6 * 16
+    with pytest.raises(ValueError, match="part must be"):
+        blocks.linear_macs("inter", 1, 1, 1, 1)

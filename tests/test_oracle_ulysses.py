@@ -1,0 +1,88 @@
+"""The DeepSpeed-Ulysses oracle: exact, with the all-to-all schedule and memory of sptutor.cost."""
+
+import re
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sptutor import cost, layout, oracle
+from sptutor.checks import check_ulysses_heads
+from sptutor.oracle import ulysses
+from sptutor.oracle.world import World
+from tests.helpers import assert_ledger_matches_cost, assert_simulation_is_exact, mesh_case
+from tests.strategies import tensors
+
+
+@given(mesh_case(pure_ulysses=True))
+def test_ulysses_oracle_equals_full_attention(case):
+    """Ulysses (any W 1..8, layout, causal, MHA/GQA/MQA incl. replicated K/V, odd D) == full."""
+    assert_simulation_is_exact("ulysses", case)
+
+
+@given(mesh_case(pure_ulysses=True), st.sampled_from([torch.float64, torch.float32, torch.float16]))
+def test_ulysses_ledger_and_saved_bytes_equal_the_closed_form(case, dtype):
+    """Bytes sent per rank and phase, and bytes saved, equal sptutor.cost.ulysses exactly."""
+    q, k, v, dout = (case[n].to(dtype) for n in ("q", "k", "v", "dout"))
+    sim = oracle.simulate("ulysses", q, k, v, dout, world=case["world"], causal=case["causal"],
+                          layout=case["layout"])  # fmt: skip
+    assert_ledger_matches_cost(sim, cost.ulysses(cost.Shape.of(q, k), case["world"]))
+
+
+def test_ulysses_schedule_message_by_message():
+    """W=2, MQA: a2a of q, k, v, out forward and dout, dq, dk, dv backward; the LSE is free."""
+    q, k, v, dout = tensors(0, (1, 6, 4, 4), (1, 6, 1, 4), (1, 6, 1, 4), (1, 6, 4, 4))
+    sim = oracle.simulate("ulysses", q, k, v, dout, world=2, causal=True)
+    q_like = 1 * 3 * 4 * 4 * 8 // 2  # half of this rank's (B, S/W, Hq, D) float64 leaves it
+    kv_like = 1 * 3 * 2 * 4 * 8 // 2  # K's one head is replicated W=2 times before the all-to-all
+    forward = [(n, "forward") for n in (q_like, kv_like, kv_like, q_like)]  # q, k, v, out
+    backward = [(n, "backward") for n in (q_like, q_like, kv_like, kv_like)]  # dout, dq, dk, dv
+    for rank in range(2):
+        events = [(e.op, e.peer, e.nbytes, e.phase, e.step) for e in sim.ledger.messages(rank)]
+        assert events == [("all_to_all", None, n, phase, 0) for n, phase in forward + backward]
+        assert sim.ranks[rank].lse.shape == (1, 4, 3)  # (B, Hq, S/W), gathered without a message
+
+
+def test_replicated_kv_heads_pair_with_their_query_heads():
+    """W=4, Hq=8, Hkv=2: rank j gets K head j // 2, the one its query heads 2j, 2j+1 use (GQA)."""
+    q, k, v = tensors(1, (1, 8, 8, 3), (1, 8, 2, 3), (1, 8, 2, 3))
+    world = World(list(range(4)))
+    shards = [layout.shard(x, world=4) for x in (q, k, v)]
+    q_heads, k_heads, _ = ulysses._qkv_to_heads(world, *shards)
+    for rank in range(4):
+        assert torch.equal(q_heads[rank], q[:, :, 2 * rank : 2 * rank + 2])  # (B, S, Hq/W, D)
+        assert torch.equal(k_heads[rank], k[:, :, rank // 2 : rank // 2 + 1])  # (B, S, 1, D)
+
+
+def test_every_rank_does_the_same_work_under_a_causal_mask():
+    """Ulysses needs no load balancing: each rank attends the whole sequence on H/W heads."""
+    q, k, v, dout = tensors(2, (1, 16, 4, 8), (1, 16, 2, 8), (1, 16, 2, 8), (1, 16, 4, 8))
+    sim = oracle.simulate("ulysses", q, k, v, dout, world=4, causal=True)
+    for phase in ("forward", "backward"):
+        assert len({sim.ledger.macs(rank=r, phase=phase) for r in range(4)}) == 1
+
+
+def test_world_of_one_sends_nothing():
+    """W=1 is plain attention: no message at all (size-1 groups log nothing)."""
+    q, k, v, dout = tensors(3, (1, 4, 2, 4), (1, 4, 2, 4), (1, 4, 2, 4), (1, 4, 2, 4))
+    assert oracle.simulate("ulysses", q, k, v, dout, world=1).ledger.messages() == []
+
+
+@pytest.mark.parametrize(
+    ("heads_q", "heads_kv", "world"), [(6, 3, 2), (3, 1, 2), (4, 4, 8), (12, 6, 4)]
+)
+def test_bad_head_counts_raise_before_any_message(heads_q, heads_kv, world):
+    """Heads that split over no W (nor replicate) are ValueErrors naming Hq, Hkv and U."""
+    q, k, v = tensors(4, (1, 16, heads_q, 4), (1, 16, heads_kv, 4), (1, 16, heads_kv, 4))
+    message = f"got Hq={heads_q}, Hkv={heads_kv}, U={world}"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        oracle.simulate("ulysses", q, k, v, world=world)
+
+
+def test_head_rule_message():
+    """The head rule's message is the one of DESIGN §8."""
+    expected = "ulysses needs Hq % U == 0 and (Hkv % U == 0 or U % Hkv == 0), got Hq=4, Hkv=3, U=2"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        check_ulysses_heads(4, 3, 2)
+    check_ulysses_heads(8, 1, 4)  # MQA: one K/V head, replicated 4 times
