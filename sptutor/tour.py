@@ -14,7 +14,16 @@ from sptutor.oracle import reference
 from sptutor.testing import Case, compare_with_oracle, relative_error, run_case
 
 # (method, options) rows of the oracle section; each method appears with every layout it supports
-ORACLE_ROWS = [("ring", {})]
+ORACLE_ROWS = [
+    ("rsa", {}),
+    ("ring", {}),
+    ("ulysses", {}),
+    ("usp", {"ulysses": 2}),
+    ("lss", {}),
+    ("lasp", {}),
+    ("lasp2", {}),
+]
+DECAY = torch.tensor([0.9, 0.95, 0.99, 1.0], dtype=torch.float64)  # per head, causal linear rows
 REAL_METHODS = ("ring",)  # methods whose real code runs on 4 processes in section 3
 REAL_WORLD = 4
 
@@ -111,7 +120,9 @@ def oracle_rows() -> list[dict]:
     for method, options in ORACLE_ROWS:
         lays = ("contiguous",) if method in oracle.LINEAR_METHODS else layout.LAYOUTS
         for lay, causal in itertools.product(lays, (False, True)):
-            rows.append(oracle_row(method, lay, causal, **options))
+            linear_causal = method in oracle.LINEAR_METHODS and causal
+            extra = {"decay": DECAY} if linear_causal else {}
+            rows.append(oracle_row(method, lay, causal, **options, **extra))
     return rows
 
 
