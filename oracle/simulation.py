@@ -32,10 +32,6 @@ def _check_options(method, q, k, v, dout, world, causal, layout, ulysses, decay,
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     check_qkv(q, k, v)
-    if q.shape[1] != k.shape[1]:
-        raise ValueError(
-            f"q and k must have one sequence length, got {q.shape[1]} and {k.shape[1]}"
-        )
     if dout is not None and dout.shape != q.shape:
         raise ValueError(f"dout must have q's shape {tuple(q.shape)}, got {tuple(dout.shape)}")
     if (method == "usp") != (ulysses is not None):

@@ -10,7 +10,10 @@ import torch
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """q: (B, S, Hq, D), k, v: (B, S_k, Hkv, D) of one floating dtype and device, Hq % Hkv == 0."""
+    """q: (B, S, Hq, D), k, v: (B, S, Hkv, D) of one floating dtype and device, Hq % Hkv == 0.
+
+    Self-attention: q and k hold the same tokens (a full sequence, or one rank's shard of it).
+    """
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -29,6 +32,10 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         )
     if heads_q % heads_kv:
         raise ValueError(f"need Hq % Hkv == 0, got Hq={heads_q}, Hkv={heads_kv}")
+    if q.shape[1] != k.shape[1]:
+        raise ValueError(
+            f"q and k must have one sequence length, got {q.shape[1]} and {k.shape[1]}"
+        )
 
 
 def check_decay(decay: torch.Tensor | None, heads_q: int, causal: bool) -> None:

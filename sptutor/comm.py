@@ -113,9 +113,10 @@ def all_gather(x: torch.Tensor, group, *, phase: str, step: int = 0) -> list[tor
     if size == 1:
         return [x]
     _log("all_gather", group, None, _nbytes(x), phase, step)
-    gathered = x.new_empty((size, *x.shape))
-    _all_gather(gathered, x.contiguous(), group=group)
-    return list(gathered.unbind(0))
+    # flat buffers: gloo wants the output as the inputs concatenated along dim 0, not stacked
+    gathered = x.new_empty(size * x.numel())
+    _all_gather(gathered, x.contiguous().reshape(-1), group=group)
+    return list(gathered.reshape(size, *x.shape).unbind(0))  # W x x.shape
 
 
 def reduce_scatter(chunks: list[torch.Tensor], group, *, phase: str, step: int = 0) -> torch.Tensor:
@@ -124,9 +125,10 @@ def reduce_scatter(chunks: list[torch.Tensor], group, *, phase: str, step: int =
     if size == 1:
         return chunks[0]
     _log("reduce_scatter", group, None, _nbytes(chunks[rank]), phase, step)
-    output = torch.empty(chunks[rank].shape, dtype=chunks[rank].dtype, device=chunks[rank].device)
-    _reduce_scatter(output, torch.stack(chunks), group=group)
-    return output
+    output = torch.empty(chunks[rank].numel(), dtype=chunks[rank].dtype, device=chunks[rank].device)
+    # flat buffers: gloo wants the input as the chunks concatenated along dim 0, not stacked
+    _reduce_scatter(output, torch.stack(chunks).reshape(-1), group=group)
+    return output.reshape(chunks[rank].shape)
 
 
 def all_reduce(x: torch.Tensor, group, *, phase: str, step: int = 0) -> torch.Tensor:

@@ -39,6 +39,20 @@ def check_mesh_sizes(ulysses: int, ring: int, world: int) -> None:
         raise ValueError(f"usp needs U*R == W with U, R >= 1, got U={ulysses}, R={ring}, W={world}")
 
 
+def _members(group: dist.ProcessGroup | None) -> list[int]:
+    """The global ranks of ``group`` in group-rank order, on every process of the world.
+
+    A process outside ``group`` holds only torch's placeholder handle (``NON_GROUP_MEMBER``), which
+    cannot name the group's ranks (``get_process_group_ranks`` answers with another group's), so
+    every process tells the others its rank in ``group``, -1 outside it: one all-gather.
+    """
+    if group is None:
+        return list(range(dist.get_world_size()))
+    group_ranks = [None] * dist.get_world_size()
+    dist.all_gather_object(group_ranks, dist.get_rank(group))
+    return [rank for _, rank in sorted((g, r) for r, g in enumerate(group_ranks) if g >= 0)]
+
+
 def make_usp_mesh(
     ulysses: int, ring: int, group: dist.ProcessGroup | None = None
 ) -> UspMesh | None:
@@ -48,7 +62,7 @@ def make_usp_mesh(
     needs every process to take part in creating each new group). Returns this rank's mesh, or
     None on a process outside ``group``.
     """
-    members = dist.get_process_group_ranks(group or dist.group.WORLD)  # global ranks, in order
+    members = _members(group)  # global ranks, in group-rank order
     check_mesh_sizes(ulysses, ring, len(members))
     rows = [members[i * ulysses : (i + 1) * ulysses] for i in range(ring)]  # contiguous ranks
     columns = [members[j::ulysses] for j in range(ulysses)]  # strided ranks

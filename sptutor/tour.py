@@ -10,6 +10,7 @@ import itertools
 import torch
 
 from sptutor import blocks, cost, launch, layout, oracle
+from sptutor.mesh import make_usp_mesh
 from sptutor.oracle import reference
 from sptutor.testing import Case, compare_with_oracle, relative_error, run_case
 
@@ -24,8 +25,7 @@ ORACLE_ROWS = [
     ("lasp2", {}),
 ]
 DECAY = torch.tensor([0.9, 0.95, 0.99, 1.0], dtype=torch.float64)  # per head, causal linear rows
-REAL_METHODS = ("ring",)  # methods whose real code runs on 4 processes in section 3
-REAL_WORLD = 4
+REAL_WORLD = 4  # processes of section 3
 
 
 def random_qkv(
@@ -114,50 +114,64 @@ def oracle_row(method: str, lay: str, causal: bool, world: int = 4, **options) -
     }
 
 
+def configurations():
+    """(method, options, layout, causal) of every tour row: linear methods are contiguous only,
+    and their causal rows carry a per-head decay."""
+    for method, options in ORACLE_ROWS:
+        linear = method in oracle.LINEAR_METHODS
+        lays = ("contiguous",) if linear else layout.LAYOUTS
+        for lay, causal in itertools.product(lays, (False, True)):
+            yield method, options | ({"decay": DECAY} if linear and causal else {}), lay, causal
+
+
 def oracle_rows() -> list[dict]:
     """Every oracle method × layout × causal, W=4, float64."""
-    rows = []
-    for method, options in ORACLE_ROWS:
-        lays = ("contiguous",) if method in oracle.LINEAR_METHODS else layout.LAYOUTS
-        for lay, causal in itertools.product(lays, (False, True)):
-            linear_causal = method in oracle.LINEAR_METHODS and causal
-            extra = {"decay": DECAY} if linear_causal else {}
-            rows.append(oracle_row(method, lay, causal, **options, **extra))
-    return rows
+    return [
+        oracle_row(method, lay, causal, **options)
+        for method, options, lay, causal in configurations()
+    ]
 
 
 def _run_real_cases(rank: int, world: int, cases: list[Case]) -> list[dict]:
-    """Body of each tour process: every case on the whole world."""
-    return [run_case(case, None) for case in cases]
+    """Body of each tour process: every case on the whole world (USP on a 2 x 2 mesh)."""
+    mesh = make_usp_mesh(2, world // 2)
+    return [run_case(case, None, mesh=mesh) for case in cases]
 
 
 def real_rows() -> list[dict]:
     """Every real method × layout × causal on 4 gloo processes, compared with its oracle."""
     cases = [
-        Case(method, tuple(range(REAL_WORLD)), lay, causal, 1, 32, 4, 2, 16, "float64", seed=3)
-        for method in REAL_METHODS
-        for lay, causal in itertools.product(layout.LAYOUTS, (False, True))
-    ]
+        Case(method, tuple(range(REAL_WORLD)), lay, causal, 1, 32, 4, 2, 16, "float64", seed=3,
+             ulysses=options.get("ulysses"), decay=_decay_tuple(options.get("decay")))
+        for method, options, lay, causal in configurations()
+    ]  # fmt: skip
     results = launch.spawn(_run_real_cases, REAL_WORLD, (cases,))
     rows = []
     for index, case in enumerate(cases):
         per_rank = {rank: results[rank][index] for rank in range(REAL_WORLD)}
-        comparisons = compare_with_oracle(case, per_rank)
-        errors = [c.errors for c in comparisons]
-        rows.append(
-            {
-                "method": case.method,
-                "layout": case.layout,
-                "causal": case.causal,
-                "out err": max(e["out"] for e in errors),
-                "lse err": max(e["lse"] for e in errors),
-                "grad err": max(e[name] for e in errors for name in ("dq", "dk", "dv")),
-                "ledger": "match" if all(c.ledger_match for c in comparisons) else "DIFFERS",
-                "saved B/rank": max(c.saved_bytes for c in comparisons),
-                "= oracle": all(c.saved_bytes == c.oracle_saved_bytes for c in comparisons),
-            }
-        )
+        rows.append(_real_row(case, compare_with_oracle(case, per_rank)))
     return rows
+
+
+def _decay_tuple(decay):
+    return None if decay is None else tuple(decay.tolist())
+
+
+def _real_row(case: Case, comparisons) -> dict:
+    """One table row: the worst error over ranks, ledger and saved-bytes agreement."""
+    errors = [c.errors for c in comparisons]
+    label = case.method + (f" u={case.ulysses}" if case.ulysses else "")
+    return {
+        "method": label,
+        "layout": case.layout,
+        "causal": case.causal,
+        "out err": max(e["out"] for e in errors),
+        "lse err": "-" if case.is_linear else max(e["lse"] for e in errors),
+        "grad err": max(e[name] for e in errors for name in ("dq", "dk", "dv")),
+        "ledger": "match" if all(c.ledger_match for c in comparisons) else "DIFFERS",
+        "saved B/rank": max(c.saved_bytes for c in comparisons),
+        "= oracle": all(c.saved_bytes == c.oracle_saved_bytes for c in comparisons),
+    }
 
 
 def format_table(rows: list[dict]) -> str:

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from hypothesis import strategies as st
 
-from sptutor import launch, layout
+from sptutor import cost, launch, layout
 from sptutor.mesh import make_usp_mesh
 from sptutor.testing import Case, compare_with_oracle, run_case
 
@@ -20,10 +20,15 @@ LAUNCH_WORLD = 4
 GROUPS = ((0,), (2, 3), (1, 2, 3), (0, 1, 2, 3))  # W = 1, 2, 3, 4
 
 
+def per_group(cases_on, count: int = 4) -> st.SearchStrategy[list[Case]]:
+    """Lists of ``count`` cases on every group of GROUPS, ``cases_on(members)`` drawing each, so
+    that even Hypothesis' first (simplest) list covers every world size W = 1..4."""
+    return st.tuples(*[cases_on(members) for members in GROUPS for _ in range(count)]).map(list)
+
+
 @st.composite
-def softmax_cases(draw, method: str) -> Case:
-    """A case for a softmax method: W 1..4, any layout, causal or not, GQA/MQA, odd D."""
-    members = draw(st.sampled_from(GROUPS))
+def softmax_cases(draw, method: str, members: tuple[int, ...]) -> Case:
+    """A case for a softmax method on ``members``: any layout, causal or not, GQA/MQA, odd D."""
     lay = draw(st.sampled_from(layout.LAYOUTS))
     unit = 2 * len(members) if lay == "zigzag" else len(members)
     heads_kv = draw(st.integers(1, 2))
@@ -52,11 +57,85 @@ def run_on_rank(rank: int, world: int, cases: list[Case]) -> list[dict | None]:
     ]
 
 
-def assert_real_matches_oracle(cases: list[Case]) -> None:
-    """One launch runs every case; each rank's results must match the oracle (DESIGN §7 rule)."""
+@st.composite
+def linear_cases(draw, method: str, members: tuple[int, ...]) -> Case:
+    """A case for a linear method on ``members``: contiguous layout (the only one), causal or
+    not, a per-head decay in (0.5, 1) or None (causal only), GQA/MQA, odd D."""
+    causal, heads_kv = draw(st.booleans()), draw(st.integers(1, 2))
+    heads_q = heads_kv * draw(st.sampled_from([1, 2, 3]))
+    rates = st.floats(0.5, 1.0, exclude_min=True, exclude_max=True)
+    decay = draw(st.none() | st.tuples(*[rates] * heads_q)) if causal else None
+    return Case(
+        method=method, members=members, layout="contiguous", causal=causal,
+        batch=draw(st.integers(1, 2)), seq_len=len(members) * draw(st.integers(1, 3)),
+        heads_q=heads_q, heads_kv=heads_kv, head_dim=draw(st.sampled_from([3, 8, 24])),
+        dtype=draw(st.sampled_from(["float64", "float32"])), seed=draw(st.integers(0, 10**6)),
+        decay=decay,
+    )  # fmt: skip
+
+
+def ulysses_case_lists(method: str, per_mesh: int) -> st.SearchStrategy[list[Case]]:
+    """Lists of ``per_mesh`` cases on every mesh of ``GROUPS`` (U = W for ulysses, every U·R = W
+    for usp), so that even Hypothesis' first, simplest list covers every W and U."""
+    meshes = [
+        (members, degree)
+        for members in GROUPS
+        for degree in range(1, len(members) + 1)
+        if len(members) % degree == 0 and (method == "usp" or degree == len(members))
+    ]
+    cases = [ulysses_cases(method, *mesh) for mesh in meshes for _ in range(per_mesh)]
+    return st.tuples(*cases).map(list)
+
+
+@st.composite
+def ulysses_cases(draw, method: str, members: tuple[int, ...], degree: int) -> Case:
+    """A ulysses (U = W) or usp case on ``members`` with Ulysses degree U = ``degree``: any
+    layout, causal or not, heads fitting the Ulysses rule for U (K/V heads split, or replicated
+    when Hkv < U: GQA/MQA), odd D, float64 or float32."""
+    world, lay = len(members), draw(st.sampled_from(layout.LAYOUTS))
+    split = degree if method == "usp" else 1  # the layout's ulysses=, ring degree world // split
+    # S splits over the ring ranks (2 chunks each for zigzag), then over U: zigzag needs R·lcm(2, U)
+    unit = (world // split) * (split if split % 2 == 0 else 2 * split) if lay == "zigzag" else world
+    heads_kv = draw(st.sampled_from([h for h in range(1, 2 * degree + 1) if h % degree == 0
+                                     or degree % h == 0]))  # fmt: skip
+    return Case(
+        method=method, members=members, layout=lay, causal=draw(st.booleans()),
+        batch=draw(st.integers(1, 2)), seq_len=unit * draw(st.integers(1, 3)),
+        heads_q=max(degree, heads_kv) * draw(st.sampled_from([1, 2])),  # lcm: one divides the other
+        heads_kv=heads_kv, head_dim=draw(st.sampled_from([3, 8, 24])),
+        dtype=draw(st.sampled_from(["float64", "float32"])), seed=draw(st.integers(0, 10**6)),
+        ulysses=degree if method == "usp" else None,
+    )  # fmt: skip
+
+
+def assert_real_matches_oracle(cases: list[Case]) -> list[dict[int, dict]]:
+    """One launch runs every case; each rank's shards, ledger and saved bytes must match the
+    oracle (DESIGN §7 tolerances), and its bytes sent per phase and saved for backward must equal
+    ``sptutor.cost`` (real == oracle == closed form). Returns each case's ``{rank: result}``."""
     results = launch.spawn(run_on_rank, LAUNCH_WORLD, (cases,))
+    per_case = []
     for index, case in enumerate(cases):
         per_rank = {rank: results[rank][index] for rank in case.members}
         comparisons = compare_with_oracle(case, per_rank)
         problems = [p for c in comparisons for p in c.problems(getattr(torch, case.dtype))]
+        problems += _cost_problems(case, per_rank)
         assert not problems, f"{case}: {problems}"
+        per_case.append(per_rank)
+    return per_case
+
+
+def _cost_problems(case: Case, per_rank: dict[int, dict]) -> list[str]:
+    """Where a rank's (forward bytes, backward bytes, saved bytes) differ from ``cost.of``."""
+    shape = cost.Shape(case.batch, case.seq_len, case.heads_q, case.heads_kv, case.head_dim,
+                       getattr(torch, case.dtype))  # fmt: skip
+    expected = cost.of(case.method, shape, len(case.members), causal=case.causal,
+                       ulysses=case.ulysses)  # fmt: skip
+    problems = []
+    for local, rank in enumerate(case.members):
+        messages, saved = per_rank[rank]["messages"], per_rank[rank]["saved"]
+        sent = [sum(m[3] for m in messages if m[4] == phase) for phase in ("forward", "backward")]
+        measured = (*sent, saved)
+        closed_form = (expected.forward[local], expected.backward[local], expected.saved[local])
+        if measured != closed_form:
+            problems.append(f"rank {rank}: sent, saved {measured}, cost {closed_form}")
+    return problems

@@ -4,15 +4,14 @@ import pytest
 import torch
 import torch.distributed as dist
 from hypothesis import Phase, given, settings
-from hypothesis import strategies as st
 
 import sptutor
 from sptutor import launch, ledger
-from tests.dist.harness import assert_real_matches_oracle, softmax_cases
+from tests.dist.harness import assert_real_matches_oracle, per_group, softmax_cases
 
 
 @settings(max_examples=2, phases=[Phase.explicit, Phase.generate], deadline=None)
-@given(st.lists(softmax_cases("ring"), min_size=16, max_size=16))
+@given(per_group(lambda members: softmax_cases("ring", members)))
 def test_real_ring_matches_the_oracle(cases):
     """W 1..4, layouts, causal, GQA/MQA, float64/float32: shards, ledger and saved bytes."""
     assert_real_matches_oracle(cases)

@@ -1,0 +1,294 @@
+"""A tiny GPT whose attention is full (one process) or any sequence-parallel method of sptutor.
+
+Pre-norm blocks (norm → attention → residual, norm → MLP → residual), a tied LM head, and two
+attention families:
+
+- softmax (``"full"`` on one process; ``rsa``, ``ring``, ``ulysses``, ``usp``, ``lss`` on W ranks):
+  causal attention with RoPE, whose angles come from the **global** positions of this rank's tokens
+  (``sptutor.layout.positions``), so a sharded run rotates every token exactly as the full run does;
+- linear (``"linear"`` on one process; ``lasp``, ``lasp2`` on W ranks): causal, unnormalised linear
+  attention (DESIGN §2) on the feature map ``elu(x) + 1`` (positive, as in Katharopoulos et al.
+  2020; DESIGN §2 leaves feature maps to the caller), with a fixed per-head decay that gives the
+  order of tokens (no RoPE) and an RMSNorm on its output, as TransNormerLLM does.
+
+Every rank holds the whole model and runs :meth:`TinyGPT.forward` on its shard of the sequence;
+the loss it returns is its tokens' share of the full-sequence mean (see ``docs/training.md``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from sptutor import blocks, lasp, layout, lss, ring, rsa, ulysses, usp
+from sptutor.mesh import UspMesh
+
+SOFTMAX_METHODS = ("rsa", "ring", "ulysses", "usp", "lss")
+LINEAR_METHODS = ("lasp", "lasp2")
+ATTENTIONS = ("full", "linear", *SOFTMAX_METHODS, *LINEAR_METHODS)
+_SP_ATTENTION = {
+    "rsa": rsa.rsa_attention, "ring": ring.ring_attention, "ulysses": ulysses.ulysses_attention,
+    "usp": usp.usp_attention, "lss": lss.lss_attention,
+    "lasp": lasp.lasp_attention, "lasp2": lasp.lasp2_attention,
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """Sizes and attention of the tiny GPT.
+
+    ``attention`` is ``"full"``, ``"linear"`` (single-process baselines) or a method of DESIGN §1;
+    ``layout`` is how the sequence is cut over the SP ranks (DESIGN §3); ``ulysses`` is USP's
+    Ulysses degree U; ``heads_kv < heads_q`` is GQA; ``dtype`` names a torch float dtype.
+    """
+
+    vocab: int = 96
+    d_model: int = 64
+    heads_q: int = 4
+    heads_kv: int = 2
+    layers: int = 2
+    seq_len: int = 64
+    attention: str = "full"
+    layout: str = "contiguous"
+    ulysses: int = 1
+    dtype: str = "float32"
+    norm: str = "rms"
+    mlp_ratio: int = 4
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
+        if self.d_model % self.heads_q or (self.d_model // self.heads_q) % 2:
+            raise ValueError(
+                "d_model must split into heads_q heads of even size (RoPE rotates pairs), "
+                f"got d_model={self.d_model}, heads_q={self.heads_q}"
+            )
+        if self.heads_q % self.heads_kv:
+            raise ValueError(f"need Hq % Hkv == 0, got Hq={self.heads_q}, Hkv={self.heads_kv}")
+        if self.attention in LINEAR_METHODS and self.layout != "contiguous":
+            raise ValueError(f"{self.attention} needs layout='contiguous', got {self.layout!r}")
+        if self.ulysses != 1 and self.attention != "usp":
+            raise ValueError(f"only usp has a Ulysses degree, got ulysses={self.ulysses}")
+        if self.norm not in ("rms", "layer"):
+            raise ValueError(f"norm must be 'rms' or 'layer', got {self.norm!r}")
+
+    @property
+    def head_dim(self) -> int:
+        """D = d_model / Hq."""
+        return self.d_model // self.heads_q
+
+    @property
+    def is_linear(self) -> bool:
+        """Does the model use linear attention (``linear``, ``lasp``, ``lasp2``)?"""
+        return self.attention in ("linear", *LINEAR_METHODS)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def baseline(self) -> GPTConfig:
+        """The same model on one process: full softmax or full linear attention."""
+        return replace(self, attention="linear" if self.is_linear else "full", ulysses=1)
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """RoPE: rotate pairs of channels of x: (B, S_loc, H, D) by angles of global positions (S_loc,).
+
+    Channel i is paired with channel i + D/2 and turned by ``position · base^(-2i/D)``; only the
+    positions matter, so any layout gives each token the rotation it has in the full sequence.
+    """
+    half = x.shape[-1] // 2
+    frequencies = base ** (-torch.arange(half, dtype=x.dtype, device=x.device) / half)  # (D/2,)
+    angles = positions.to(x.dtype)[:, None] * frequencies[None, :]  # (S_loc, D/2)
+    cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]  # (1, S_loc, 1, D/2)
+    first, second = x[..., :half], x[..., half:]
+    return torch.cat((first * cos - second * sin, first * sin + second * cos), dim=-1)
+
+
+def linear_decay(heads_q: int, dtype: torch.dtype) -> torch.Tensor:
+    """Per-head decay ``exp(-2^(-8(h+1)/Hq))``, (Hq,): ALiBi slopes, as LASP's TransNormerLLM."""
+    slopes = 2.0 ** (-8.0 * torch.arange(1, heads_q + 1, dtype=torch.float64) / heads_q)
+    return torch.exp(-slopes).to(dtype)
+
+
+def full_softmax_attention(q, k, v, positions):
+    """Causal softmax attention on one process: q: (B, S, Hq, D), k, v: (B, S, Hkv, D).
+
+    Masks come from ``positions`` (S,) like every method's, so tokens may come in any order.
+    Plain torch (``scaled_dot_product_attention``), independent of ``sptutor.blocks``.
+    """
+    group_size = q.shape[2] // k.shape[2]
+    k, v = (x.repeat_interleave(group_size, dim=2) for x in (k, v))  # (B, S, Hq, D)
+    visible = positions[:, None] >= positions[None, :]  # (S, S)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=visible
+    )  # (B, Hq, S, D)
+    return out.transpose(1, 2)  # (B, S, Hq, D)
+
+
+def full_linear_attention(q, k, v, decay):
+    """Causal linear attention with ``decay`` (Hq,) on one process: q: (B, S, Hq, D), k, v:
+    (B, S, Hkv, D). The whole sequence as one chunk: ``[(Q K^T) ⊙ M] V`` (``sptutor.blocks``)."""
+    return blocks.linear_chunk_forward(q, k, v, None, decay)[0].to(q.dtype)
+
+
+class Attention(nn.Module):
+    """Projections around the attention of ``config.attention``; the SP call happens here."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        heads_q, heads_kv, head_dim = config.heads_q, config.heads_kv, config.head_dim
+        options = dict(bias=False, dtype=config.torch_dtype)
+        self.q_proj = nn.Linear(config.d_model, heads_q * head_dim, **options)
+        self.kv_proj = nn.Linear(config.d_model, 2 * heads_kv * head_dim, **options)
+        self.out_proj = nn.Linear(heads_q * head_dim, config.d_model, **options)
+        self.out_norm = (
+            nn.RMSNorm(heads_q * head_dim, dtype=config.torch_dtype) if config.is_linear else None
+        )
+
+    def forward(self, x, positions, group, mesh):
+        """x: (B, S_loc, d_model) this rank's tokens; positions: (S_loc,) global. Same shape out."""
+        config = self.config
+        batch, seq_local, _ = x.shape
+        q = self.q_proj(x).view(
+            batch, seq_local, config.heads_q, config.head_dim
+        )  # (B, S_loc, Hq, D)
+        # (B, S_loc, 2·Hkv·D) -> (B, S_loc, 2, Hkv, D)
+        kv = self.kv_proj(x).view(batch, seq_local, 2, config.heads_kv, config.head_dim)
+        k, v = kv.unbind(2)  # (B, S_loc, Hkv, D) each
+        if config.is_linear:
+            out = self._linear(F.elu(q) + 1, F.elu(k) + 1, v, group)
+            out = self.out_norm(out.reshape(batch, seq_local, -1))  # linear outputs grow: rescale
+        else:
+            out = self._softmax(
+                rotary(q, positions), rotary(k, positions), v, positions, group, mesh
+            )
+        return self.out_proj(out.reshape(batch, seq_local, -1))
+
+    def _softmax(self, q, k, v, positions, group, mesh):
+        """Causal softmax attention of this rank's shard: (B, S_loc, Hq, D)."""
+        name, lay = self.config.attention, self.config.layout
+        if name == "full":
+            return full_softmax_attention(q, k, v, positions)
+        if name == "usp":
+            return usp.usp_attention(q, k, v, mesh=mesh, causal=True, layout=lay)
+        return _SP_ATTENTION[name](q, k, v, causal=True, layout=lay, group=group)
+
+    def _linear(self, q, k, v, group):
+        """Causal linear attention with decay of this rank's shard: (B, S_loc, Hq, D)."""
+        decay = linear_decay(q.shape[2], q.dtype)
+        if self.config.attention == "linear":
+            return full_linear_attention(q, k, v, decay)
+        return _SP_ATTENTION[self.config.attention](q, k, v, causal=True, decay=decay, group=group)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        norm = nn.RMSNorm if config.norm == "rms" else nn.LayerNorm
+        width, dtype = config.d_model, config.torch_dtype
+        self.attn_norm, self.mlp_norm = norm(width, dtype=dtype), norm(width, dtype=dtype)
+        self.attn = Attention(config)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, config.mlp_ratio * width, dtype=dtype),
+            nn.GELU(),
+            nn.Linear(config.mlp_ratio * width, width, dtype=dtype),
+        )
+
+    def forward(self, x, positions, group, mesh):
+        """x: (B, S_loc, d_model) -> (B, S_loc, d_model)."""
+        x = x + self.attn(self.attn_norm(x), positions, group, mesh)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class TinyGPT(nn.Module):
+    """Token embedding, ``layers`` pre-norm blocks, a final norm and the tied LM head.
+
+    Parameters are drawn from a generator seeded with ``seed``, so every rank builds the same model.
+    """
+
+    def __init__(self, config: GPTConfig, seed: int = 0) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab, config.d_model, dtype=config.torch_dtype)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.layers))
+        norm = nn.RMSNorm if config.norm == "rms" else nn.LayerNorm
+        self.final_norm = norm(config.d_model, dtype=config.torch_dtype)
+        self._init_weights(torch.Generator().manual_seed(seed))
+
+    def _init_weights(self, generator: torch.Generator) -> None:
+        """GPT-2 init: N(0, 0.02) for matrices, output projections scaled by 1/sqrt(2·layers)."""
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                if param.dim() < 2:
+                    continue  # norms keep weight 1 and bias 0; biases stay 0
+                std = 0.02 / (2 * self.config.layers) ** 0.5 if "out_proj" in name else 0.02
+                param.copy_(
+                    torch.randn(param.shape, generator=generator, dtype=torch.float64) * std
+                )
+            for block in self.blocks:
+                nn.init.zeros_(block.mlp[0].bias)
+                nn.init.zeros_(block.mlp[2].bias)
+
+    def logits(self, ids, *, group=None, mesh: UspMesh | None = None, positions=None):
+        """ids: (B, S_loc) this rank's tokens -> logits: (B, S_loc, vocab).
+
+        ``group`` is the SP group (``mesh`` for usp); ``positions`` (S_loc,) overrides the global
+        positions the layout gives this rank (default: ``sp_positions``): softmax attention takes
+        tokens in any order, linear attention reads them in sequence order only.
+        """
+        if positions is None:
+            positions = sp_positions(self.config, ids.shape[1], group=group, mesh=mesh)
+        x = self.embed(ids)  # (B, S_loc, d_model)
+        for block in self.blocks:
+            x = block(x, positions.to(ids.device), group, mesh)
+        return F.linear(self.final_norm(x), self.embed.weight)  # tied head: (B, S_loc, vocab)
+
+    def forward(self, ids, targets, *, group=None, mesh: UspMesh | None = None, positions=None):
+        """ids, targets: (B, S_loc) this rank's shard of inputs and next tokens -> scalar loss.
+
+        The loss is the sum of this rank's token losses over the **global** token count B·S, so
+        the SP ranks' losses add up to the full-sequence mean (and their gradients add up too).
+        """
+        logits = self.logits(ids, group=group, mesh=mesh, positions=positions)
+        world = 1 if positions is not None else sp_world(self.config, group=group, mesh=mesh)
+        return local_loss(logits, targets, tokens=ids.numel() * world)
+
+
+def local_loss(logits: torch.Tensor, targets: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Cross-entropy summed over this shard's tokens, divided by ``tokens`` = B·S (global).
+
+    logits: (B, S_loc, vocab); targets: (B, S_loc). Returns a scalar.
+    """
+    losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+    return losses / tokens
+
+
+def sp_world(config: GPTConfig, *, group=None, mesh: UspMesh | None = None) -> int:
+    """W, the number of SP ranks the sequence is cut over (1 for the single-process baselines)."""
+    if config.attention in ("full", "linear"):
+        return 1
+    return mesh.world if config.attention == "usp" else dist.get_world_size(group)
+
+
+def sp_positions(config: GPTConfig, seq_local: int, *, group=None, mesh=None) -> torch.Tensor:
+    """Global positions (S_loc,) of this rank's tokens under ``config.layout`` (DESIGN §3)."""
+    world = sp_world(config, group=group, mesh=mesh)
+    if world == 1:
+        return torch.arange(seq_local)
+    if config.attention == "usp":
+        if mesh is None or mesh.ulysses != config.ulysses:
+            raise ValueError(f"usp needs a mesh with U={config.ulysses}, got {mesh}")
+        rank = dist.get_rank(mesh.group)
+    else:
+        rank = dist.get_rank(group)
+    return layout.positions(
+        seq_local * world, world=world, rank=rank, layout=config.layout, ulysses=config.ulysses
+    )

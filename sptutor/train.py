@@ -1,0 +1,224 @@
+"""Train the tiny GPT on W CPU processes with any SP method: what ``sptutor train`` runs.
+
+The corpus is an essay on sequence parallelism that ships with sptutor (``sptutor/data/``), read
+character by character. At each step the same global batch of ``dp · batch`` windows is drawn on
+every process (a seeded generator), targets are the next characters **before** sharding, DP
+replica d takes rows ``d·batch ..``, and SP rank r takes its layout's tokens of them. The
+single-process baseline trains the same model with full attention on the whole global batch, so
+both loss curves can be compared step by step.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import resources
+
+import torch
+import torch.distributed as dist
+
+from sptutor import launch, layout
+from sptutor.model import LINEAR_METHODS, SOFTMAX_METHODS, GPTConfig, TinyGPT
+from sptutor.parallel import Grid, average_gradients, make_grid
+
+CORPUS = "sequence_parallelism.txt"
+BAR_WIDTH = 20
+METHODS = SOFTMAX_METHODS + LINEAR_METHODS
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. ``batch`` is the number of sequences per DP replica; ``sp``/``dp``
+    default to ``sp = world``, ``dp = 1`` (or whichever one is missing); ``ulysses`` (usp only)
+    defaults to 2 when ``sp`` is even, else 1."""
+
+    method: str = "ring"
+    world: int = 4
+    sp: int | None = None
+    dp: int | None = None
+    ulysses: int | None = None
+    steps: int = 20
+    layout: str = "contiguous"
+    dtype: str = "float32"
+    batch: int = 4
+    seq_len: int = 64
+    d_model: int = 64
+    heads_q: int = 4
+    heads_kv: int = 2
+    layers: int = 2
+    lr: float = 3e-3
+    seed: int = 0
+
+    def grid_sizes(self) -> tuple[int, int]:
+        """(sp, dp) with ``sp · dp == world``."""
+        sp, dp = self.sp, self.dp
+        if sp is None:
+            sp = self.world // (dp or 1)
+        if dp is None:
+            dp = self.world // sp
+        if sp < 1 or dp < 1 or sp * dp != self.world:
+            raise ValueError(f"need sp*dp == world, got sp={sp}, dp={dp}, world={self.world}")
+        return sp, dp
+
+    def ulysses_degree(self) -> int:
+        """U for usp (1 for every other method)."""
+        if self.method != "usp":
+            return 1
+        sp = self.grid_sizes()[0]
+        return self.ulysses or (2 if sp % 2 == 0 else 1)
+
+    def describe(self) -> str:
+        """One line: ``usp: W=4 as SP=4 (U=2 x R=2) x DP=1, layout=zigzag, float32, 20 steps``."""
+        sp, dp = self.grid_sizes()
+        degree = self.ulysses_degree()
+        mesh = f" (U={degree} x R={sp // degree})" if self.method == "usp" else ""
+        return (
+            f"{self.method}: W={self.world} as SP={sp}{mesh} x DP={dp}, layout={self.layout}, "
+            f"{self.dtype}, {self.steps} steps"
+        )
+
+    def model_config(self, vocab: int) -> GPTConfig:
+        """The GPT this run trains, with ``method`` as its attention."""
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        return GPTConfig(
+            vocab=vocab, d_model=self.d_model, heads_q=self.heads_q, heads_kv=self.heads_kv,
+            layers=self.layers, seq_len=self.seq_len, attention=self.method, layout=self.layout,
+            ulysses=self.ulysses_degree(), dtype=self.dtype,
+        )  # fmt: skip
+
+
+@dataclass
+class TrainResult:
+    """Global loss per step of the SP × DP run, and of the single-process baseline (if run)."""
+
+    losses: list[float]
+    baseline_losses: list[float] | None = None
+
+
+def load_corpus() -> tuple[torch.Tensor, int]:
+    """The shipped essay as character ids: (N,) long, and the vocabulary size (its characters)."""
+    text = resources.files("sptutor").joinpath("data", CORPUS).read_text(encoding="utf-8")
+    characters = sorted(set(text))
+    index = {c: i for i, c in enumerate(characters)}
+    return torch.tensor([index[c] for c in text], dtype=torch.long), len(characters)
+
+
+def global_batch(ids: torch.Tensor, config: TrainConfig, step: int):
+    """The step's windows, the same on every process: inputs, targets: (dp·batch, S) each.
+
+    Targets are the next characters, taken from the full windows before any sharding.
+    """
+    rows = config.grid_sizes()[1] * config.batch
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+    starts = torch.randint(0, ids.numel() - config.seq_len - 1, (rows,), generator=generator)
+    windows = torch.stack([ids[s : s + config.seq_len + 1] for s in starts.tolist()])  # (rows, S+1)
+    return windows[:, :-1], windows[:, 1:]
+
+
+def local_batch(inputs: torch.Tensor, targets: torch.Tensor, grid: Grid, config: GPTConfig):
+    """This rank's piece of a global batch: its replica's rows, its layout's tokens.
+
+    inputs, targets: (dp·B, S) -> (B, S/W) each, W = ``grid.sp``.
+    """
+    batch = inputs.shape[0] // grid.dp
+    rows = slice(grid.dp_rank * batch, (grid.dp_rank + 1) * batch)
+    tokens = layout.positions(
+        inputs.shape[1], world=grid.sp, rank=grid.sp_rank, layout=config.layout,
+        ulysses=config.ulysses,
+    )  # fmt: skip
+    return inputs[rows][:, tokens], targets[rows][:, tokens]
+
+
+def progress_line(label: str, step: int, steps: int, loss: float, seconds: float) -> str:
+    """``ring  step  3/10 [######--------------] loss 4.1234  1.2 s``."""
+    done = round(BAR_WIDTH * step / steps)
+    bar = "#" * done + "-" * (BAR_WIDTH - done)
+    width = len(str(steps))
+    return f"{label:<8} step {step:>{width}}/{steps} [{bar}] loss {loss:.4f}  {seconds:.1f} s"
+
+
+def train_on_rank(rank: int, world: int, config: TrainConfig, verbose: bool) -> list[float]:
+    """Body of each process: build the grid and the model, train, return the global losses."""
+    ids, vocab = load_corpus()
+    sp, dp = config.grid_sizes()
+    grid = make_grid(sp, dp, ulysses=config.ulysses_degree() if config.method == "usp" else None)
+    model_config = config.model_config(vocab)
+    model = TinyGPT(model_config, seed=config.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
+    losses, start = [], time.perf_counter()
+    for step in range(config.steps):
+        ids_shard, targets_shard = local_batch(*global_batch(ids, config, step), grid, model_config)
+        loss = model(ids_shard, targets_shard, group=grid.sp_group, mesh=grid.mesh)
+        optimizer.zero_grad()
+        loss.backward()
+        average_gradients(model, grid)
+        optimizer.step()
+        losses.append(_global_loss(loss, grid))
+        if verbose and rank == 0:
+            line = progress_line(config.method, step + 1, config.steps, losses[-1],
+                                 time.perf_counter() - start)  # fmt: skip
+            print(line, flush=True)
+    return losses
+
+
+def _global_loss(loss: torch.Tensor, grid: Grid) -> float:
+    """The global-batch mean loss: sum of every rank's share, over dp replicas.
+
+    Bookkeeping for the printout, not training traffic: plain torch.distributed, kept out of the
+    ledger.
+    """
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    return total.item() / grid.dp
+
+
+@contextmanager
+def one_thread():
+    """Run torch on one intra-op thread meanwhile: a tiny model gains nothing from more, and next
+    to W worker processes on a few cores extra threads only fight over them (we measured 65x)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@one_thread()
+def train_single(config: TrainConfig, verbose: bool = True) -> list[float]:
+    """The baseline: the same model with full attention on one process, whole global batch."""
+    ids, vocab = load_corpus()
+    model_config = config.model_config(vocab).baseline()
+    model = TinyGPT(model_config, seed=config.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
+    losses, start = [], time.perf_counter()
+    for step in range(config.steps):
+        loss = model(*global_batch(ids, config, step))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if verbose:
+            line = progress_line(model_config.attention, step + 1, config.steps, losses[-1],
+                                 time.perf_counter() - start)  # fmt: skip
+            print(line, flush=True)
+    return losses
+
+
+def run(config: TrainConfig, *, baseline: bool = False, verbose: bool = True) -> TrainResult:
+    """Train on ``config.world`` gloo processes (and, with ``baseline``, on one process first).
+
+    Prints one progress line per step (rank 0) when ``verbose``; returns both loss curves.
+    """
+    config.model_config(vocab=1)  # check the method and sizes before starting any process
+    if verbose:
+        print(config.describe(), flush=True)
+    reference = train_single(config, verbose) if baseline else None
+    losses = launch.spawn(train_on_rank, config.world, (config, verbose))[0]
+    if verbose and reference is not None:
+        worst = max(abs(a - b) / abs(b) for a, b in zip(losses, reference))
+        print(f"largest relative difference from the baseline over {config.steps} steps: "
+              f"{worst:.2e}", flush=True)  # fmt: skip
+    return TrainResult(losses, reference)

@@ -1,0 +1,133 @@
+"""USP (unified sequence parallelism) on ``torch.distributed``: Ulysses along the rows of a 2-D
+mesh, ring along the columns.
+
+The W = U·R ranks form a mesh (USP Alg. 1, ``sptutor.mesh.make_usp_mesh``): ulysses groups are
+contiguous ranks ``[i·U, ..., i·U + U - 1]`` (one per ring index i), ring groups are strided ranks
+``j, j + U, j + 2U, ...`` (one per ulysses index j), so ``rank = ring_index·U + ulysses_index``.
+
+Forward: inside this rank's ulysses group, all-to-alls of q, k, v turn sequence into heads: every
+rank of the group now holds its ring rank's S/R tokens (positions: the concatenation of the
+group's) on H/U heads. Ring attention over the ring group then runs on those tokens and heads, and
+one more all-to-all sends ``out`` back (heads -> sequence). Backward mirrors it: all-to-all of
+dout, the ring backward, all-to-alls of dq, dk, dv.
+
+Nothing is written twice: the all-to-all steps are ``sptutor/ulysses.py``'s and the ring steps
+are ``sptutor/ring.py``'s ``_forward``/``_backward``, run on the mesh's two groups. So U = 1 is
+ring attention and U = W is Ulysses, message for message.
+
+Mirrors ``oracle/usp.py`` step for step; here each process is one rank.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sptutor import backends, comm, ring, ulysses
+from sptutor.mesh import UspMesh, check_mesh_sizes
+
+
+def _ring_positions(positions, degree):
+    """R x (S/R,): every ring rank's positions after the all-to-all, its ulysses group's
+    concatenated (= the tokens that ring rank owns under the layout).
+
+    positions: W x (S/W,) every mesh rank's, ``rank = ring_index·U + ulysses_index``.
+    """
+    ulysses_groups = [positions[i : i + degree] for i in range(0, len(positions), degree)]
+    return [torch.cat(members) for members in ulysses_groups]
+
+
+def _forward(q, k, v, positions, causal, scale, mesh, backend):
+    """q: (B, S/W, Hq, D); k, v: (B, S/W, Hkv, D); positions: W x (S/W,), every mesh rank's.
+
+    Returns out: (B, S/W, Hq, D) in q's dtype, and what this rank keeps for backward, in the
+    heads layout: q: (B, S/R, Hq/U, D), k, v: (B, S/R, max(Hkv/U, 1), D), out like q,
+    lse: (B, Hq/U, S/R).
+    """
+    # sequence -> heads inside the ulysses group: (B, S/W, H, D) -> (B, S/R, H/U, D)
+    q_heads, k_heads, v_heads = ulysses._qkv_to_heads(q, k, v, mesh.ulysses_group)
+    out_heads, lse_heads = ring._forward(
+        q_heads, k_heads, v_heads, _ring_positions(positions, mesh.ulysses),
+        causal, scale, mesh.ring_group, backend,
+    )  # fmt: skip
+    # heads -> sequence: (B, S/R, Hq/U, D) -> (B, S/W, Hq, D)
+    out = ulysses._heads_to_seq(out_heads, mesh.ulysses_group, phase="forward")
+    return out, (q_heads, k_heads, v_heads, out_heads, lse_heads)
+
+
+def _backward(dout, saved, positions, causal, scale, heads_kv, mesh, backend):
+    """dout: (B, S/W, Hq, D); saved: what ``_forward`` kept; heads_kv: Hkv of the inputs.
+
+    Returns dq: (B, S/W, Hq, D) and dk, dv: (B, S/W, Hkv, D), in dout's dtype.
+    """
+    # sequence -> heads: (B, S/W, Hq, D) -> (B, S/R, Hq/U, D)
+    dout_heads = ulysses._seq_to_heads(dout, mesh.ulysses_group, phase="backward")
+    dq_heads, dk_heads, dv_heads = ring._backward(
+        dout_heads, *saved, _ring_positions(positions, mesh.ulysses),
+        causal, scale, mesh.ring_group, backend,
+    )  # fmt: skip
+    return ulysses._grads_to_seq(dq_heads, dk_heads, dv_heads, heads_kv, mesh.ulysses_group)
+
+
+class _UspAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, positions, causal, scale, mesh, backend):
+        out, saved = _forward(q, k, v, positions, causal, scale, mesh, backend)
+        ctx.save_for_backward(*saved)
+        ctx.options = (positions, causal, scale, k.shape[2], mesh, backend)
+        lse_heads = saved[-1]
+        ctx.mark_non_differentiable(lse_heads)
+        return out, lse_heads
+
+    @staticmethod
+    def backward(ctx, dout, _dlse_heads):
+        dq, dk, dv = _backward(dout.contiguous(), ctx.saved_tensors, *ctx.options)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def _check_mesh(mesh) -> int:
+    """Check ``mesh`` is a ``UspMesh`` with U·R == W and groups of U and R ranks; returns W."""
+    if not isinstance(mesh, UspMesh):
+        raise TypeError(
+            f"usp needs the UspMesh that make_usp_mesh returns, got {type(mesh).__name__}"
+        )
+    _, world = comm.rank_and_size(mesh.group)
+    check_mesh_sizes(mesh.ulysses, mesh.ring, world)
+    sizes = comm.rank_and_size(mesh.ulysses_group)[1], comm.rank_and_size(mesh.ring_group)[1]
+    if sizes != (mesh.ulysses, mesh.ring):
+        raise ValueError(
+            f"mesh groups must hold U={mesh.ulysses} and R={mesh.ring} ranks, got "
+            f"ulysses_group of {sizes[0]} and ring_group of {sizes[1]}"
+        )
+    return world
+
+
+def usp_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mesh: UspMesh,
+    causal: bool = False,
+    layout: str = "contiguous",
+    backend: str = "auto",
+    scale: float | None = None,
+    return_lse: bool = False,
+):
+    """USP over ``mesh`` (``make_usp_mesh``): Ulysses over U ranks, ring over R; call on every
+    rank of the mesh with its own shards.
+
+    q: (B, S/W, Hq, D) this rank's queries; k, v: (B, S/W, Hkv, D) its keys and values, as
+    ``sptutor.layout.shard(x, world=W, layout=layout, ulysses=U)[rank]`` makes them (the layout
+    over the R ring ranks, each ring rank's tokens split contiguously over its U ulysses ranks).
+    Needs ``Hq % U == 0`` and ``Hkv % U == 0`` or ``U % Hkv == 0`` (K/V heads replicated).
+    Returns out: (B, S/W, Hq, D) this rank's output (differentiable), and with ``return_lse`` also
+    lse: (B, Hq, S/W) (detached, float32; float64 for float64 inputs), which costs one more
+    all-to-all in the ulysses group.
+    """
+    W = _check_mesh(mesh)
+    ulysses._check_inputs(q, k, v, mesh.ulysses)
+    positions = ring._positions(q.shape[1] * W, W, layout, device=q.device, ulysses=mesh.ulysses)
+    backend = backends.resolve(backend, q)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out, lse_heads = _UspAttention.apply(q, k, v, positions, causal, scale, mesh, backend)
+    return (out, ulysses._lse_to_seq(lse_heads, mesh.ulysses_group)) if return_lse else out
