@@ -81,10 +81,7 @@ def simulate(
             else layouts.shard(x, world=world, layout=layout, ulysses=degree, dim=dim)
         )
 
-    positions = [
-        layouts.positions(seq_len, world=world, rank=r, layout=layout, ulysses=degree)
-        for r in range(world)
-    ]
+    positions = layouts.all_positions(seq_len, world=world, layout=layout, ulysses=degree)
     options = {"positions": positions, "causal": causal}
     if method in SOFTMAX_METHODS:
         options["scale"] = head_dim**-0.5 if scale is None else scale

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from sptutor import blocks
+from sptutor import layout as layout_
 
 BACKENDS = ("auto", "torch", "triton")
 TRITON_KERNELS_WRITTEN = False  # the [kernels] issue wires sptutor.kernels in
@@ -26,6 +27,21 @@ def resolve(backend: str, like: torch.Tensor) -> str:
             "yet; use backend='torch'"
         )
     return backend
+
+
+def prepare(
+    q: torch.Tensor, *, world: int, layout: str, backend: str, scale: float | None, ulysses: int = 1
+) -> tuple[list[torch.Tensor], str, float]:
+    """What a softmax method derives from its arguments before its first message.
+
+    q: (B, S/W, Hq, D) this rank's queries. Returns every rank's positions (W x (S/W,), layout
+    sizes checked), the concrete backend and the scale (default D ** -0.5).
+    """
+    positions = layout_.all_positions(
+        q.shape[1] * world, world=world, layout=layout, ulysses=ulysses, device=q.device
+    )
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return positions, resolve(backend, q), scale
 
 
 def attention_forward(backend: str, q, k, v, q_pos, k_pos, causal: bool, scale: float):

@@ -37,6 +37,11 @@ def visible_pairs(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool) -> tor
     return torch.ones(q_pos.shape[0], k_pos.shape[0], dtype=torch.bool, device=q_pos.device)
 
 
+def any_visible(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool) -> bool:
+    """Does any query see any key? (a fully masked block need not be computed)"""
+    return not causal or bool(q_pos.max() >= k_pos.min())
+
+
 def attention_macs(
     q_pos: torch.Tensor,
     k_pos: torch.Tensor,

@@ -77,6 +77,18 @@ def positions(
     return ring_tokens.chunk(ulysses)[ulysses_index]  # (S/W,)
 
 
+def all_positions(
+    seq_len: int, *, world: int, layout: str = "contiguous", ulysses: int = 1, device=None
+) -> list[torch.Tensor]:
+    """Every rank's global positions, ``W x (S/W,)``: what each rank needs to build masks for the
+    blocks it receives. Checks the layout's sizes first (ValueError with the numbers)."""
+    check_layout(seq_len, world=world, layout=layout, ulysses=ulysses)
+    return [
+        positions(seq_len, world=world, rank=r, layout=layout, ulysses=ulysses).to(device)
+        for r in range(world)
+    ]
+
+
 def shard(
     x: torch.Tensor, *, world: int, layout: str = "contiguous", ulysses: int = 1, dim: int = 1
 ) -> list[torch.Tensor]:

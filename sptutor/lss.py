@@ -21,7 +21,6 @@ import torch
 
 from sptutor import backends, blocks, comm
 from sptutor.checks import check_qkv
-from sptutor.ring import _positions, _visible
 
 
 def _all_gather_kv(k, v, group):
@@ -49,7 +48,7 @@ def _forward(q, k, v, positions, causal, scale, group, backend):
         (q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=acc, device=q.device
     )
     for src, (k_block, v_block) in enumerate(kv_gathered):
-        if not _visible(positions[rank], positions[src], causal):
+        if not blocks.any_visible(positions[rank], positions[src], causal):
             continue  # fully masked by positions: nothing to compute
         block_out, block_lse = backends.attention_forward(
             backend, q, k_block, v_block, positions[rank], positions[src], causal, scale
@@ -70,7 +69,7 @@ def _backward(dout, q, kv_gathered, out, lse, positions, causal, scale, group, b
     # dkv_shares[src]: this rank's share of src's [dK‖dV], (2, B, S/W, Hkv, D); 0 if masked
     dkv_shares = [torch.zeros(kv.shape, dtype=acc, device=kv.device) for kv in kv_gathered]
     for src, (k_block, v_block) in enumerate(kv_gathered):
-        if not _visible(positions[rank], positions[src], causal):
+        if not blocks.any_visible(positions[rank], positions[src], causal):
             continue
         block_dq, block_dk, block_dv = backends.attention_backward(
             backend, dout, q, k_block, v_block, out, lse,
@@ -121,8 +120,8 @@ def lss_attention(
     """
     check_qkv(q, k, v)
     _, W = comm.rank_and_size(group)
-    positions = _positions(q.shape[1] * W, W, layout, device=q.device)
-    backend = backends.resolve(backend, q)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    positions, backend, scale = backends.prepare(
+        q, world=W, layout=layout, backend=backend, scale=scale
+    )
     out, lse = _LSSAttention.apply(q, k, v, positions, causal, scale, group, backend)
     return (out, lse) if return_lse else out

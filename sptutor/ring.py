@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from sptutor import backends, blocks, comm, layout
+from sptutor import backends, blocks, comm
 from sptutor.checks import check_qkv
 
 
@@ -34,7 +34,7 @@ def _forward(q, k, v, positions, causal, scale, group, backend):
         if step < W - 1:  # start passing the block on; it travels while we compute
             shift = comm.ring_shift(kv_from_prev_rank, group, phase="forward", step=step)
         k_block, v_block = kv_from_prev_rank
-        if _visible(positions[rank], positions[src], causal):
+        if blocks.any_visible(positions[rank], positions[src], causal):
             block_out, block_lse = backends.attention_forward(
                 backend, q, k_block, v_block, positions[rank], positions[src], causal, scale
             )
@@ -60,7 +60,7 @@ def _backward(dout, q, k, v, out, lse, positions, causal, scale, group, backend)
         if step < W - 1:
             shift = comm.ring_shift(kv_from_prev_rank, group, phase="backward", step=step)
         k_block, v_block = kv_from_prev_rank
-        if _visible(positions[rank], positions[src], causal):
+        if blocks.any_visible(positions[rank], positions[src], causal):
             block_dq, block_dk, block_dv = backends.attention_backward(
                 backend, dout, q, k_block, v_block, out, lse,
                 positions[rank], positions[src], causal, scale,
@@ -75,11 +75,6 @@ def _backward(dout, q, k, v, out, lse, positions, causal, scale, group, backend)
         dkv_from_prev_rank = dkv_shift.wait()
     dk, dv = dkv_from_prev_rank
     return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
-
-
-def _visible(q_pos, k_pos, causal):
-    """Does any query see any key of the block? (fully masked blocks are not computed)"""
-    return not causal or bool(q_pos.max() >= k_pos.min())
 
 
 class _RingAttention(torch.autograd.Function):
@@ -119,17 +114,8 @@ def ring_attention(
     """
     check_qkv(q, k, v)
     _, W = comm.rank_and_size(group)
-    positions = _positions(q.shape[1] * W, W, layout, device=q.device)
-    backend = backends.resolve(backend, q)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    positions, backend, scale = backends.prepare(
+        q, world=W, layout=layout, backend=backend, scale=scale
+    )
     out, lse = _RingAttention.apply(q, k, v, positions, causal, scale, group, backend)
     return (out, lse) if return_lse else out
-
-
-def _positions(seq_len, world, lay, device, ulysses=1):
-    """Every group rank's global positions: W x (S/W,) (checks the layout's sizes first)."""
-    layout.check_layout(seq_len, world=world, layout=lay, ulysses=ulysses)
-    return [
-        layout.positions(seq_len, world=world, rank=r, layout=lay, ulysses=ulysses).to(device)
-        for r in range(world)
-    ]

@@ -26,7 +26,6 @@ import torch
 
 from sptutor import backends, blocks, comm
 from sptutor.checks import check_qkv
-from sptutor.ring import _positions, _visible
 
 
 def _ring_pass(block, group, phase):
@@ -74,7 +73,7 @@ def _ring_of_keys(q, k, positions, causal, scale, group):
         (batch, heads_q, tokens, W * tokens), float("-inf"), dtype=acc, device=q.device
     )
     for src, k_block in _ring_pass(k, group, "forward"):
-        if not _visible(positions[rank], positions[src], causal):
+        if not blocks.any_visible(positions[rank], positions[src], causal):
             continue  # fully masked by positions: the columns stay -inf (the block still travels)
         q_grouped = _group_heads(q, k_block.shape[2]).to(acc)  # (B, S/W, Hkv, G, D)
         block = torch.einsum("bqhgd,bkhd->bhgqk", q_grouped, k_block.to(acc)) * scale
@@ -105,7 +104,7 @@ def _ring_of_values(probs, v, positions, causal, group):
     acc = blocks.accumulation_dtype(v.dtype)
     out = torch.zeros(batch, tokens, heads_q, v.shape[3], dtype=acc, device=v.device)
     for src, v_block in _ring_pass(v, group, "forward"):
-        if not _visible(positions[rank], positions[src], causal):
+        if not blocks.any_visible(positions[rank], positions[src], causal):
             continue
         p_block = _rows_by_kv_head(probs[..., _columns(src, tokens)], v_block.shape[2])
         block_out = torch.einsum("bhgqk,bkhd->bqhgd", p_block.to(acc), v_block.to(acc))
@@ -154,7 +153,7 @@ def _ring_of_values_backward(dout, v, positions, causal, group):
     acc = blocks.accumulation_dtype(dout.dtype)
     dprobs = torch.zeros(batch, heads_q, tokens, W * tokens, dtype=acc, device=dout.device)
     for src, v_block in _ring_pass(v, group, "backward"):
-        if not _visible(positions[rank], positions[src], causal):
+        if not blocks.any_visible(positions[rank], positions[src], causal):
             continue
         dout_grouped = _group_heads(dout, v_block.shape[2]).to(acc)  # (B, S/W, Hkv, G, D)
         block = torch.einsum("bqhgd,bkhd->bhgqk", dout_grouped, v_block.to(acc))
@@ -179,7 +178,7 @@ def _ring_of_keys_backward(dscores, k, positions, causal, scale, group):
     acc = dscores.dtype
     dq = torch.zeros(batch, tokens, heads_q, k.shape[3], dtype=acc, device=k.device)
     for src, k_block in _ring_pass(k, group, "backward"):
-        if not _visible(positions[rank], positions[src], causal):
+        if not blocks.any_visible(positions[rank], positions[src], causal):
             continue
         ds_block = _rows_by_kv_head(dscores[..., _columns(src, tokens)], k_block.shape[2])
         block_dq = torch.einsum("bhgqk,bkhd->bqhgd", ds_block, k_block.to(acc)) * scale
@@ -239,8 +238,7 @@ def rsa_attention(
     """
     check_qkv(q, k, v)
     _, W = comm.rank_and_size(group)
-    positions = _positions(q.shape[1] * W, W, layout, device=q.device)
-    backends.resolve(backend, q)  # a bad name is an error; the full score rows stay in torch
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    # a bad backend name is an error, but the full score rows stay in torch (DESIGN §4)
+    positions, _, scale = backends.prepare(q, world=W, layout=layout, backend=backend, scale=scale)
     out, lse = _RingSelfAttention.apply(q, k, v, positions, causal, scale, group)
     return (out, lse) if return_lse else out

@@ -28,7 +28,6 @@ import torch
 
 from sptutor import backends, blocks, comm
 from sptutor.checks import check_qkv, check_ulysses_heads
-from sptutor.ring import _positions
 
 
 def _replicas(heads_kv: int, degree: int) -> int:
@@ -196,8 +195,8 @@ def ulysses_attention(
     """
     _, W = comm.rank_and_size(group)
     _check_inputs(q, k, v, W)
-    positions = _positions(q.shape[1] * W, W, layout, device=q.device)
-    backend = backends.resolve(backend, q)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    positions, backend, scale = backends.prepare(
+        q, world=W, layout=layout, backend=backend, scale=scale
+    )
     out, lse_heads = _UlyssesAttention.apply(q, k, v, positions, causal, scale, group, backend)
     return (out, _lse_to_seq(lse_heads, group)) if return_lse else out

@@ -126,8 +126,8 @@ def usp_attention(
     """
     W = _check_mesh(mesh)
     ulysses._check_inputs(q, k, v, mesh.ulysses)
-    positions = ring._positions(q.shape[1] * W, W, layout, device=q.device, ulysses=mesh.ulysses)
-    backend = backends.resolve(backend, q)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    positions, backend, scale = backends.prepare(
+        q, world=W, layout=layout, backend=backend, scale=scale, ulysses=mesh.ulysses
+    )
     out, lse_heads = _UspAttention.apply(q, k, v, positions, causal, scale, mesh, backend)
     return (out, ulysses._lse_to_seq(lse_heads, mesh.ulysses_group)) if return_lse else out
