@@ -1,7 +1,10 @@
 """Where block attention is computed: plain torch (``sptutor.blocks``) or our Triton kernels.
 
 ``backend="auto"`` is ``"triton"`` for CUDA tensors and ``"torch"`` for CPU tensors (DESIGN §4).
-Both backends take and return the same shapes, so a method's step loop does not care which runs.
+``"triton"`` also runs on CPU tensors, under the Triton interpreter (slow: for tests and reading;
+``sptutor.kernels`` turns the interpreter on when there is no GPU). Both backends take and return
+the same shapes and dtypes (partial results in the accumulation dtype), so a method's step loop
+does not care which one runs. RSA always computes on torch: its full score rows are the point.
 """
 
 from __future__ import annotations
@@ -12,7 +15,13 @@ from sptutor import blocks
 from sptutor import layout as layout_
 
 BACKENDS = ("auto", "torch", "triton")
-TRITON_KERNELS_WRITTEN = False  # the [kernels] issue wires sptutor.kernels in
+
+
+def _kernels():
+    """sptutor.kernels, imported on first use: "torch" users never import triton."""
+    from sptutor import kernels
+
+    return kernels
 
 
 def resolve(backend: str, like: torch.Tensor) -> str:
@@ -20,12 +29,17 @@ def resolve(backend: str, like: torch.Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        backend = "triton" if like.is_cuda and TRITON_KERNELS_WRITTEN else "torch"
-    if backend == "triton" and not TRITON_KERNELS_WRITTEN:
-        raise ValueError(
-            "backend='triton' needs the Triton kernels of sptutor.kernels, which are not written "
-            "yet; use backend='torch'"
-        )
+        return "triton" if like.is_cuda else "torch"
+    if backend == "triton":
+        try:
+            interpreted = _kernels().INTERPRETED
+        except ImportError as missing:
+            raise ValueError(f"backend='triton' needs the triton package: {missing}") from None
+        if not (like.is_cuda or interpreted):
+            raise ValueError(
+                "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors "
+                "(set before sptutor.kernels is imported)"
+            )
     return backend
 
 
@@ -45,12 +59,52 @@ def prepare(
 
 
 def attention_forward(backend: str, q, k, v, q_pos, k_pos, causal: bool, scale: float):
-    """One block forward on ``backend``: see ``blocks.attention_block`` for shapes."""
+    """One block forward: see ``blocks.attention_block`` for shapes (out, lse accumulate)."""
+    if backend == "triton":
+        return _kernels().flash_attention_forward(
+            q, k, v, q_pos=q_pos, k_pos=k_pos, causal=causal, scale=scale,
+            out_dtype=blocks.accumulation_dtype(q.dtype),
+        )  # fmt: skip
     return blocks.attention_block(q, k, v, q_pos, k_pos, causal, scale)
 
 
 def attention_backward(
     backend: str, dout, q, k, v, out, lse, q_pos, k_pos, causal: bool, scale: float
 ):
-    """One block backward on ``backend``: see ``blocks.attention_block_backward`` for shapes."""
+    """One block backward: see ``blocks.attention_block_backward`` for shapes."""
+    if backend == "triton":
+        return _kernels().flash_attention_backward(
+            dout, q, k, v, out, lse, q_pos=q_pos, k_pos=k_pos, causal=causal, scale=scale,
+            grad_dtype=blocks.accumulation_dtype(q.dtype),
+        )  # fmt: skip
     return blocks.attention_block_backward(dout, q, k, v, out, lse, q_pos, k_pos, causal, scale)
+
+
+def linear_local_forward(backend: str, q, k, v, decay, needs_state: bool):
+    """A chunk's work that waits for nobody (LASP): the intra-chunk output ``[(QK^T)⊙M]V``
+    (B, C, Hq, D) and, if ``needs_state``, its local state ``sum_i decay^(C-1-i) k_i^T v_i``
+    (B, Hq, D, D) — on triton one fused kernel (the chunk with no incoming state)."""
+    if backend == "triton":
+        acc = blocks.accumulation_dtype(q.dtype)
+        out, local = _kernels().linear_attention_forward(q, k, v, decay=decay, out_dtype=acc)
+        return out, local if needs_state else None
+    out = blocks.linear_chunk_intra(q, k, v, decay)
+    local = blocks.linear_local_state(k, v, decay, heads_q=q.shape[2]) if needs_state else None
+    return out, local
+
+
+def linear_local_backward(backend: str, dout, q, k, v, state_in, decay, needs_dstate: bool):
+    """Gradients that wait for nobody: intra-chunk dq, dk, dv, dq through the cached
+    ``state_in`` (or None), and if ``needs_dstate`` the local ``sum_i decay^(i+1) q_i^T dO_i``.
+    Returns dq: (B, C, Hq, D), dk, dv: (B, C, Hkv, D), local_dstate: (B, Hq, D, D) or None."""
+    if backend == "triton":  # dstate_out=None: the later chunks' dKV is added when it arrives
+        dq, dk, dv, local_dstate = _kernels().linear_attention_backward(
+            dout, q, k, v, state=state_in, decay=decay,
+            grad_dtype=blocks.accumulation_dtype(q.dtype),
+        )  # fmt: skip
+        return dq, dk, dv, local_dstate if needs_dstate else None
+    dq, dk, dv = blocks.linear_chunk_intra_backward(dout, q, k, v, decay)
+    if state_in is not None:  # the state read in forward is cached: no message needed
+        dq = dq + blocks.linear_readout_backward(dout, state_in, decay)
+    local_dstate = blocks.linear_local_dstate(q, dout, decay) if needs_dstate else None
+    return dq, dk, dv, local_dstate

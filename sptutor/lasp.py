@@ -42,19 +42,16 @@ def _state_like(q):
     return q.new_empty((batch, heads_q, head_dim, head_dim), dtype=acc)
 
 
-def _local_forward(q, k, v, decay, needs_state):
+def _local_forward(q, k, v, decay, needs_state, backend):
     """Work that waits for nobody: the intra-chunk output, and the local state if ``needs_state``.
 
-    Returns out: (B, C, Hq, D) and local_state: (B, Hq, D, D) or None.
+    Returns out: (B, C, Hq, D) and local_state: (B, Hq, D, D) or None (``backends``: torch pieces,
+    or one fused Triton kernel).
     """
-    out = blocks.linear_chunk_intra(q, k, v, decay)
-    local_state = None
-    if needs_state:
-        local_state = blocks.linear_local_state(k, v, decay, heads_q=q.shape[2])
-    return out, local_state
+    return backends.linear_local_forward(backend, q, k, v, decay, needs_state)
 
 
-def _forward(q, k, v, decay, group):
+def _forward(q, k, v, decay, group, backend):
     """LASP, causal. q: (B, C, Hq, D); k, v: (B, C, Hkv, D); decay: (Hq,) or None.
 
     Returns out: (B, C, Hq, D) (accumulation dtype) and state_in: (B, Hq, D, D) or None.
@@ -62,7 +59,7 @@ def _forward(q, k, v, decay, group):
     rank, W = comm.rank_and_size(group)
     chunk = q.shape[1]
     # the last rank's state would go nowhere: it builds none
-    out, local_state = _local_forward(q, k, v, decay, rank < W - 1)
+    out, local_state = _local_forward(q, k, v, decay, rank < W - 1, backend)
     kv_from_prev_rank = None
     if rank > 0:  # step rank-1: the chain visits the chunks in sequence order
         kv_from_prev_rank = comm.recv(_state_like(q), rank - 1, group)
@@ -75,19 +72,13 @@ def _forward(q, k, v, decay, group):
     return out, state_in
 
 
-def _local_backward(dout, q, k, v, state_in, decay, needs_dstate):
+def _local_backward(dout, q, k, v, state_in, decay, needs_dstate, backend):
     """Work that waits for nobody: intra-chunk gradients, dq through the state read in forward,
     and the local dKV ``sum_i decay^(i+1) q_i^T dO_i`` if ``needs_dstate``.
 
     Returns dq: (B, C, Hq, D), dk, dv: (B, C, Hkv, D), local_dstate: (B, Hq, D, D) or None.
     """
-    dq, dk, dv = blocks.linear_chunk_intra_backward(dout, q, k, v, decay)
-    if state_in is not None:  # the state read in forward is cached: no message needed
-        dq = dq + blocks.linear_readout_backward(dout, state_in, decay)
-    local_dstate = None
-    if needs_dstate:
-        local_dstate = blocks.linear_local_dstate(q, dout, decay)
-    return dq, dk, dv, local_dstate
+    return backends.linear_local_backward(backend, dout, q, k, v, state_in, decay, needs_dstate)
 
 
 def _add_state_gradients(dk, dv, dkv_out, k, v, decay):
@@ -98,7 +89,7 @@ def _add_state_gradients(dk, dv, dkv_out, k, v, decay):
     return dk + dk_state, dv + dv_state
 
 
-def _backward(dout, q, k, v, state_in, decay, group):
+def _backward(dout, q, k, v, state_in, decay, group, backend):
     """LASP, causal: the chain in reverse. dout like q; state_in as ``_forward`` returned it.
 
     Returns dq: (B, C, Hq, D), dk, dv: (B, C, Hkv, D) (accumulation dtype).
@@ -106,7 +97,7 @@ def _backward(dout, q, k, v, state_in, decay, group):
     rank, W = comm.rank_and_size(group)
     chunk = q.shape[1]
     # rank 0 read no state: it owes no dKV to anyone
-    dq, dk, dv, local_dstate = _local_backward(dout, q, k, v, state_in, decay, rank > 0)
+    dq, dk, dv, local_dstate = _local_backward(dout, q, k, v, state_in, decay, rank > 0, backend)
     dkv_from_next_rank = None
     if rank < W - 1:  # step W-2-rank: rank t waits for rank t+1
         dkv_from_next_rank = comm.recv(_state_like(q), rank + 1, group)
@@ -125,7 +116,7 @@ def _decayed_sum(states, decay, chunk):
     return total
 
 
-def _forward_lasp2(q, k, v, decay, group):
+def _forward_lasp2(q, k, v, decay, group, backend):
     """LASP-2, causal: one all-gather of the local states, then a prefix on this rank.
 
     Shapes as in ``_forward``; state_in is the prefix KV_p0 (None on rank 0), cached.
@@ -133,7 +124,7 @@ def _forward_lasp2(q, k, v, decay, group):
     rank, _ = comm.rank_and_size(group)
     chunk = q.shape[1]
     # every rank contributes a state (the all-gather is symmetric), though no one reads the last
-    out, local_state = _local_forward(q, k, v, decay, True)
+    out, local_state = _local_forward(q, k, v, decay, True, backend)
     # the intra output is done before the all-gather (LASP-2 overlaps the two; ours blocks)
     gathered = comm.all_gather(local_state, group, phase="forward")
     # KV_p0 = sum over earlier ranks t' of decay^(C·(rank-1-t')) local_t'
@@ -143,12 +134,12 @@ def _forward_lasp2(q, k, v, decay, group):
     return out, prefix
 
 
-def _backward_lasp2(dout, q, k, v, state_in, decay, group):
+def _backward_lasp2(dout, q, k, v, state_in, decay, group, backend):
     """LASP-2, causal: one all-gather of the local dKV, then a suffix on this rank."""
     rank, _ = comm.rank_and_size(group)
     chunk = q.shape[1]
     # every rank contributes a dKV (the all-gather is symmetric), though no one reads rank 0's
-    dq, dk, dv, local_dstate = _local_backward(dout, q, k, v, state_in, decay, True)
+    dq, dk, dv, local_dstate = _local_backward(dout, q, k, v, state_in, decay, True, backend)
     gathered = comm.all_gather(local_dstate, group, phase="backward")
     # dKV_out = sum over later ranks t' of decay^(C·(t'-rank-1)) local_dKV_t'
     dkv_out = _decayed_sum(reversed(gathered[rank + 1 :]), decay, chunk)
@@ -186,36 +177,35 @@ class _LinearAttention(torch.autograd.Function):
     """LASP or LASP-2 by ``steps`` = (forward, backward, total_of), as in the oracle's _emulate."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, decay, group, steps):
+    def forward(ctx, q, k, v, causal, decay, group, backend, steps):
         forward, _, total_of = steps
         if causal:
-            out, state_in = forward(q, k, v, decay, group)
+            out, state_in = forward(q, k, v, decay, group, backend)
         else:
             out, state_in = _forward_noncausal(q, k, v, total_of, group)
         ctx.save_for_backward(q, k, v, state_in)  # the state read, never the output
-        ctx.options = (causal, decay, group, steps)
+        ctx.options = (causal, decay, group, backend, steps)
         return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, state_in = ctx.saved_tensors
-        causal, decay, group, (_, backward, total_of) = ctx.options
+        causal, decay, group, backend, (_, backward, total_of) = ctx.options
         dout = dout.contiguous()
         if causal:
-            dq, dk, dv = backward(dout, q, k, v, state_in, decay, group)
+            dq, dk, dv = backward(dout, q, k, v, state_in, decay, group, backend)
         else:
             dq, dk, dv = _backward_noncausal(dout, q, k, v, state_in, total_of, group)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
 def _attention(q, k, v, causal, decay, group, backend, steps):
     """Check everything this rank can see (DESIGN §8, before any message), then run ``steps``."""
     check_qkv(q, k, v)
     check_decay(decay, q.shape[2], causal)
-    # validates the name; "torch" computes with sptutor.blocks, "triton" is an error until the
-    # linear kernels are wired in
-    backends.resolve(backend, q)
-    return _LinearAttention.apply(q, k, v, causal, decay, group, steps)
+    # the chunk's local work runs on the backend; non-causal pieces are single matmuls (torch)
+    backend = backends.resolve(backend, q)
+    return _LinearAttention.apply(q, k, v, causal, decay, group, backend, steps)
 
 
 def lasp_attention(

@@ -105,7 +105,8 @@ def assert_no_worse_than_baseline(
 class Case:
     """One call of a real method on the global ranks ``members``, with seeded full inputs.
 
-    ``ulysses`` is USP's Ulysses degree U; ``decay`` the per-head decay of linear methods.
+    ``ulysses`` is USP's Ulysses degree U; ``decay`` the per-head decay of linear methods;
+    ``backend`` where the blocks are computed (DESIGN §4).
     """
 
     method: str
@@ -121,6 +122,7 @@ class Case:
     seed: int = 0
     ulysses: int | None = None
     decay: tuple[float, ...] | None = None
+    backend: str = "auto"
 
     @property
     def is_linear(self) -> bool:
@@ -148,10 +150,11 @@ class Case:
     def options(self, group, mesh) -> dict:
         """Keyword arguments of the real method: DESIGN §4's signature for ``method``."""
         if self.is_linear:
-            return dict(causal=self.causal, decay=self.decay_tensor(), group=group)
+            return dict(causal=self.causal, decay=self.decay_tensor(), group=group,
+                        backend=self.backend)  # fmt: skip
         if self.method == "usp":
-            return dict(causal=self.causal, layout=self.layout, mesh=mesh)
-        return dict(causal=self.causal, layout=self.layout, group=group)
+            return dict(causal=self.causal, layout=self.layout, mesh=mesh, backend=self.backend)
+        return dict(causal=self.causal, layout=self.layout, group=group, backend=self.backend)
 
     def shards(self, local: int) -> tuple[torch.Tensor, ...]:
         """This group rank's q, k, v, dout shards."""

@@ -21,18 +21,10 @@ from sptutor.model import (
     rotary,
 )
 from sptutor.testing import assert_close, relative_error
-from sptutor.train import one_thread
 from tests.strategies import tensors
 
 CONFIG = GPTConfig(vocab=11, d_model=16, heads_q=4, heads_kv=2, layers=2, seq_len=16,
                    dtype="float64")  # fmt: skip
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only fight other processes for the cores (~10x slower)."""
-    with one_thread():
-        yield
 
 
 @st.composite

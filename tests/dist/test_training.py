@@ -27,13 +27,6 @@ CONFIG = GPTConfig(vocab=13, d_model=16, heads_q=4, heads_kv=2, layers=2, seq_le
                    dtype="float64")  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The baselines run here, beside 4 worker processes: one intra-op thread (~10x faster)."""
-    with train.one_thread():
-        yield
-
-
 @dataclass(frozen=True)
 class StepCase:
     """One training step of ``method`` on an ``sp`` × (4/sp) grid, gradients synced by ``sync``:
