@@ -67,12 +67,6 @@ def _columns(src, tokens):
     return slice(src * tokens, (src + 1) * tokens)
 
 
-def _group_heads(x, heads_kv):
-    """(B, S, Hq, D) -> (B, S, Hkv, G, D): the G = Hq/Hkv query heads that share a K/V head."""
-    batch, seq, heads_q, head_dim = x.shape
-    return x.reshape(batch, seq, heads_kv, heads_q // heads_kv, head_dim)
-
-
 def _rows_by_kv_head(rows, heads_kv):
     """(B, Hq, S_q, S_k) -> (B, Hkv, G, S_q, S_k): score rows grouped by the K/V head they use."""
     batch, heads_q, seq_q, seq_k = rows.shape
@@ -104,7 +98,8 @@ def _ring_of_keys(world, q, k, positions, causal, scale):
         macs = _product_macs(q[rank], positions[rank], positions[src], causal)
         if macs == 0:
             continue  # fully masked by positions: the columns stay -inf (the block still travels)
-        q_grouped = _group_heads(q[rank], k_block.shape[2]).to(acc)  # (B, S/W, Hkv, G, D)
+        # (B, S/W, Hq, D) -> (B, S/W, Hkv, G, D)
+        q_grouped = blocks.group_query_heads(q[rank], k_block.shape[2]).to(acc)
         block = torch.einsum("bqhgd,bkhd->bhgqk", q_grouped, k_block.to(acc)) * scale
         visible = blocks.visible_pairs(positions[rank], positions[src], causal)
         block = block.reshape(batch, heads_q, tokens, tokens)  # (B, Hq, S/W, S/W)
@@ -168,7 +163,8 @@ def _all_reduced_key_gradient(world, weights, rows, heads_kv, positions, causal,
     column_positions = torch.cat(positions)  # (S,) global position of each score column
     shares = []
     for rank in range(world.size):
-        rows_grouped = _group_heads(rows[rank], heads_kv).to(acc)  # (B, S/W, Hkv, G, D)
+        # (B, S/W, Hq, D) -> (B, S/W, Hkv, G, D)
+        rows_grouped = blocks.group_query_heads(rows[rank], heads_kv).to(acc)
         weights_grouped = _rows_by_kv_head(weights[rank], heads_kv).to(acc)  # (B, Hkv, G, S/W, S)
         share = torch.einsum("bhgqk,bqhgd->bkhd", weights_grouped, rows_grouped)  # (B, S, Hkv, D)
         shares.append(factor * share)
@@ -191,7 +187,8 @@ def _ring_of_values_backward(world, dout, v, positions, causal):
         macs = _product_macs(dout[rank], positions[rank], positions[src], causal)
         if macs == 0:
             continue
-        dout_grouped = _group_heads(dout[rank], v_block.shape[2]).to(acc)  # (B, S/W, Hkv, G, D)
+        # (B, S/W, Hq, D) -> (B, S/W, Hkv, G, D)
+        dout_grouped = blocks.group_query_heads(dout[rank], v_block.shape[2]).to(acc)
         block = torch.einsum("bqhgd,bkhd->bhgqk", dout_grouped, v_block.to(acc))
         dprobs[rank][..., _columns(src, tokens)] = block.reshape(batch, heads_q, tokens, tokens)
         world.compute(rank, macs, "backward", step)

@@ -59,7 +59,7 @@ def attention_macs(
     return (5 if backward else 2) * batch * heads_q * head_dim * pairs
 
 
-def _group_queries(x: torch.Tensor, heads_kv: int) -> torch.Tensor:
+def group_query_heads(x: torch.Tensor, heads_kv: int) -> torch.Tensor:
     """(B, S, Hq, D) -> (B, S, Hkv, G, D): the G = Hq/Hkv query heads that share a K/V head."""
     batch, seq, heads_q, head_dim = x.shape
     return x.reshape(batch, seq, heads_kv, heads_q // heads_kv, head_dim)
@@ -78,7 +78,7 @@ def _scores(
     Returns (B, Hkv, G, S_q, S_k) in the accumulation dtype, G = Hq/Hkv.
     """
     acc = accumulation_dtype(q.dtype)
-    q_grouped = _group_queries(q, k.shape[2]).to(acc)  # (B, S_q, Hkv, G, D)
+    q_grouped = group_query_heads(q, k.shape[2]).to(acc)  # (B, S_q, Hkv, G, D)
     scores = torch.einsum("bqhgd,bkhd->bhgqk", q_grouped, k.to(acc)) * scale
     return scores.masked_fill(~visible_pairs(q_pos, k_pos, causal), float("-inf"))
 
@@ -169,13 +169,13 @@ def attention_block_backward(
     heads_kv = k.shape[2]
     probs = _probabilities(_scores(q, k, q_pos, k_pos, causal, scale), lse)  # (B, Hkv, G, S_q, S_k)
     acc = probs.dtype
-    dout_g = _group_queries(dout, heads_kv).to(acc)  # (B, S_q, Hkv, G, D)
-    delta = (dout_g * _group_queries(out, heads_kv).to(acc)).sum(-1)  # (B, S_q, Hkv, G)
+    dout_g = group_query_heads(dout, heads_kv).to(acc)  # (B, S_q, Hkv, G, D)
+    delta = (dout_g * group_query_heads(out, heads_kv).to(acc)).sum(-1)  # (B, S_q, Hkv, G)
     dv = torch.einsum("bhgqk,bqhgd->bkhd", probs, dout_g)  # (B, S_k, Hkv, D)
     dprobs = torch.einsum("bqhgd,bkhd->bhgqk", dout_g, v.to(acc))
     dscores = probs * (dprobs - delta.permute(0, 2, 3, 1)[..., None])  # (B, Hkv, G, S_q, S_k)
     dq = torch.einsum("bhgqk,bkhd->bqhgd", dscores, k.to(acc)) * scale
-    dk = torch.einsum("bhgqk,bqhgd->bkhd", dscores, _group_queries(q, heads_kv).to(acc)) * scale
+    dk = torch.einsum("bhgqk,bqhgd->bkhd", dscores, group_query_heads(q, heads_kv).to(acc)) * scale
     return dq.reshape(batch, seq_q, heads_q, head_dim), dk, dv
 
 
@@ -209,8 +209,7 @@ def _to_query_heads(x: torch.Tensor, heads_q: int) -> torch.Tensor:
 
 def _to_kv_heads(grad: torch.Tensor, heads_kv: int) -> torch.Tensor:
     """(B, C, Hq, D) -> (B, C, Hkv, D): a shared K/V head gets the sum of its query heads' grads."""
-    batch, length, heads_q, head_dim = grad.shape
-    return grad.reshape(batch, length, heads_kv, heads_q // heads_kv, head_dim).sum(3)
+    return group_query_heads(grad, heads_kv).sum(3)
 
 
 def linear_decay_powers(

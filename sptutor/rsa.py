@@ -48,12 +48,6 @@ def _columns(src, tokens):
     return slice(src * tokens, (src + 1) * tokens)
 
 
-def _group_heads(x, heads_kv):
-    """(B, S, Hq, D) -> (B, S, Hkv, G, D): the G = Hq/Hkv query heads that share a K/V head."""
-    batch, seq, heads_q, head_dim = x.shape
-    return x.reshape(batch, seq, heads_kv, heads_q // heads_kv, head_dim)
-
-
 def _rows_by_kv_head(rows, heads_kv):
     """(B, Hq, S_q, S_k) -> (B, Hkv, G, S_q, S_k): score rows grouped by the K/V head they use."""
     batch, heads_q, seq_q, seq_k = rows.shape
@@ -75,7 +69,8 @@ def _ring_of_keys(q, k, positions, causal, scale, group):
     for src, k_block in _ring_pass(k, group, "forward"):
         if not blocks.any_visible(positions[rank], positions[src], causal):
             continue  # fully masked by positions: the columns stay -inf (the block still travels)
-        q_grouped = _group_heads(q, k_block.shape[2]).to(acc)  # (B, S/W, Hkv, G, D)
+        # (B, S/W, Hq, D) -> (B, S/W, Hkv, G, D)
+        q_grouped = blocks.group_query_heads(q, k_block.shape[2]).to(acc)
         block = torch.einsum("bqhgd,bkhd->bhgqk", q_grouped, k_block.to(acc)) * scale
         visible = blocks.visible_pairs(positions[rank], positions[src], causal)
         block = block.reshape(batch, heads_q, tokens, tokens)  # (B, Hq, S/W, S/W)
@@ -135,7 +130,8 @@ def _all_reduced_key_gradient(weights, rows, heads_kv, factor, group):
     rank, _ = comm.rank_and_size(group)
     tokens = rows.shape[1]
     acc = blocks.accumulation_dtype(rows.dtype)
-    rows_grouped = _group_heads(rows, heads_kv).to(acc)  # (B, S/W, Hkv, G, D)
+    # (B, S/W, Hq, D) -> (B, S/W, Hkv, G, D)
+    rows_grouped = blocks.group_query_heads(rows, heads_kv).to(acc)
     weights_grouped = _rows_by_kv_head(weights, heads_kv).to(acc)  # (B, Hkv, G, S/W, S)
     share = torch.einsum("bhgqk,bqhgd->bkhd", weights_grouped, rows_grouped)  # (B, S, Hkv, D)
     summed = comm.all_reduce(factor * share, group, phase="backward")
@@ -155,7 +151,8 @@ def _ring_of_values_backward(dout, v, positions, causal, group):
     for src, v_block in _ring_pass(v, group, "backward"):
         if not blocks.any_visible(positions[rank], positions[src], causal):
             continue
-        dout_grouped = _group_heads(dout, v_block.shape[2]).to(acc)  # (B, S/W, Hkv, G, D)
+        # (B, S/W, Hq, D) -> (B, S/W, Hkv, G, D)
+        dout_grouped = blocks.group_query_heads(dout, v_block.shape[2]).to(acc)
         block = torch.einsum("bqhgd,bkhd->bhgqk", dout_grouped, v_block.to(acc))
         dprobs[..., _columns(src, tokens)] = block.reshape(batch, heads_q, tokens, tokens)
     return dprobs
