@@ -174,6 +174,29 @@ def _real_row(case: Case, comparisons) -> dict:
     }
 
 
+def cost_rows() -> list[dict]:
+    """What one rank sends and keeps at a realistic size, from the closed forms of sptutor.cost
+    (sections 2 and 3 check them against the ledgers and saved-tensor hooks exactly)."""
+    rows = []
+    for seq_len, world in ((32768, 4), (32768, 8), (131072, 8)):
+        shape = cost.Shape(1, seq_len, 32, 8, 128, torch.bfloat16)  # Llama-3-8B-like attention
+        for method in oracle.METHODS:
+            degree = world // 2 if method == "usp" else None
+            costs = cost.of(method, shape, world, causal=True, ulysses=degree)
+            sent = max(costs.forward) + max(costs.backward)
+            label = method + (f" u={degree}" if degree else "")
+            rows.append(
+                {
+                    "method": label,
+                    "S": seq_len,
+                    "W": world,
+                    "sent MiB/rank": f"{sent / 2**20:.1f}",
+                    "saved MiB/rank": f"{max(costs.saved) / 2**20:.1f}",
+                }
+            )
+    return rows
+
+
 def format_table(rows: list[dict]) -> str:
     """Rows of equal keys as an aligned text table (floats in scientific notation)."""
     columns = list(rows[0])
@@ -203,3 +226,10 @@ def run() -> None:
         "   saved: bytes autograd keeps for backward (saved-tensor hooks) vs the oracle's count\n"
     )
     print(format_table(real_rows()))
+    print(
+        "\n4. At a realistic size: one attention layer, B=1, Hq=32, Hkv=8, D=128, bfloat16, causal"
+    )
+    print("   bytes a rank sends (forward + backward) and keeps for backward, from sptutor.cost")
+    print("   (the closed forms sections 2 and 3 check exactly): RSA keeps S²/W scores, LSS the")
+    print("   whole sequence's K and V, ring/Ulysses/USP O(S/W); LASP sends D×D states only\n")
+    print(format_table(cost_rows()))

@@ -36,3 +36,31 @@ def test_every_real_row_matches_its_oracle():
         )
         assert max(errors) <= 1e-10, row
         assert row["ledger"] == "match" and row["= oracle"] is True, row
+
+
+def test_the_realistic_size_table_tells_each_papers_memory_story():
+    """Section 4: LASP's traffic does not grow with S; RSA keeps S²/W, ring O(S/W), LSS O(S)."""
+    rows = {(row["method"].split()[0], row["S"], row["W"]): row for row in tour.cost_rows()}
+
+    def mib(method, seq_len, world, column):
+        return float(rows[method, seq_len, world][column])
+
+    assert mib("lasp", 32768, 8, "sent MiB/rank") == mib("lasp", 131072, 8, "sent MiB/rank")
+    assert mib("rsa", 131072, 8, "saved MiB/rank") > 15 * mib("rsa", 32768, 8, "saved MiB/rank")
+    assert mib("ring", 131072, 8, "saved MiB/rank") == 4 * mib("ring", 32768, 8, "saved MiB/rank")
+    assert mib("ring", 32768, 4, "saved MiB/rank") == 2 * mib("ring", 32768, 8, "saved MiB/rank")
+    assert mib("lss", 32768, 8, "saved MiB/rank") > mib("ring", 32768, 4, "saved MiB/rank")
+
+
+def test_the_docs_print_the_tours_realistic_size_table():
+    """docs/methods.md's table is section 4 of the tour, not numbers typed by hand."""
+    from pathlib import Path
+
+    page = (Path(__file__).parents[1] / "docs" / "methods.md").read_text(encoding="utf-8")
+    printed = {
+        f"| {r['method']} | {r['S']} | {r['W']} | {r['sent MiB/rank']} | {r['saved MiB/rank']} |"
+        for r in tour.cost_rows()
+    }
+    documented = {line for line in page.splitlines() if line.startswith("| ") and "MiB" not in line}
+    documented = {line for line in documented if line.split("|")[2].strip().isdigit()}
+    assert documented and documented <= printed
