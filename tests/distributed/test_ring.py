@@ -2,7 +2,7 @@
 
 from hypothesis import Phase, given, settings
 
-from tests.dist.harness import assert_real_matches_oracle, per_group, softmax_cases
+from tests.distributed.harness import assert_real_matches_oracle, per_group, softmax_cases
 
 
 @settings(max_examples=2, phases=[Phase.explicit, Phase.generate], deadline=None)

@@ -3,7 +3,7 @@
 from hypothesis import Phase, example, given, settings
 
 from sptutor.testing import Case
-from tests.dist.harness import assert_real_matches_oracle, linear_cases, per_group
+from tests.distributed.harness import assert_real_matches_oracle, linear_cases, per_group
 
 ALL_RANKS = (0, 1, 2, 3)
 # W = 4 chains and gathers, causal with decay and GQA, and non-causal, whatever hypothesis draws

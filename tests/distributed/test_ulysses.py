@@ -3,7 +3,7 @@
 from hypothesis import Phase, given, settings
 
 from sptutor.testing import Case
-from tests.dist.harness import GROUPS, assert_real_matches_oracle, ulysses_case_lists
+from tests.distributed.harness import GROUPS, assert_real_matches_oracle, ulysses_case_lists
 
 # saved bytes over S and W: Hq = Hkv = 12 split over every W in 1..4, so nothing is replicated
 SAVED_GRID = [

@@ -7,7 +7,7 @@ import torch
 from hypothesis import Phase, given, settings
 
 from sptutor.testing import Case
-from tests.dist.harness import (
+from tests.distributed.harness import (
     assert_real_matches_oracle,
     per_group,
     softmax_cases,

@@ -2,7 +2,7 @@
 CPU, so at tiny sizes) and still match the oracle shard by shard and message by message."""
 
 from sptutor.testing import Case
-from tests.dist.harness import assert_real_matches_oracle
+from tests.distributed.harness import assert_real_matches_oracle
 
 ALL, PAIR = (0, 1, 2, 3), (2, 3)
 # the kernels compute float64 in float64 and float32 with exact products: DESIGN §7's 1e-10 and

@@ -3,8 +3,8 @@
 from hypothesis import Phase, given, settings
 
 from sptutor.testing import Case
-from tests.dist.harness import GROUPS, assert_real_matches_oracle, ulysses_case_lists
-from tests.dist.test_ulysses import assert_saved_is_o_s_over_w
+from tests.distributed.harness import GROUPS, assert_real_matches_oracle, ulysses_case_lists
+from tests.distributed.test_ulysses import assert_saved_is_o_s_over_w
 
 # saved bytes over S, W and every U·R = W: Hq = Hkv = 12 split over every U, nothing replicated
 SAVED_GRID = [
