@@ -9,6 +9,8 @@ and renamed collectives of newer torch versions are hidden here.
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import torch
 import torch.distributed as dist
 
@@ -18,6 +20,21 @@ from sptutor.ledger import CommEvent
 # torch >= 2.13 renamed the tensor-in/tensor-out collectives (the old names warn)
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+_group_timeout: timedelta | None = None  # set by the launcher; None = torch's default (30 min)
+
+
+def set_group_timeout(timeout: timedelta | None) -> None:
+    """The timeout every group made by :func:`new_group` gets (the launcher passes its own)."""
+    global _group_timeout
+    _group_timeout = timeout
+
+
+def new_group(ranks: list[int]) -> dist.ProcessGroup:
+    """``dist.new_group(ranks)`` with the launch's timeout, not torch's 30-minute default, so a
+    stuck peer in a sub-group fails like one in the world group. Collective over the world."""
+    return dist.new_group(list(ranks), timeout=_group_timeout)
 
 
 def rank_and_size(group: dist.ProcessGroup | None) -> tuple[int, int]:

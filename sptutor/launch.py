@@ -32,9 +32,12 @@ def _child(rank: int, world: int, payload: bytes, init_file: str, conn, timeout_
     import torch
     import torch.distributed as dist
 
+    from sptutor import comm
+
     torch.set_num_threads(1)  # W processes share a few cores: no oversubscription
     try:
         fn, args = cloudpickle.loads(payload)
+        comm.set_group_timeout(timedelta(seconds=timeout_s))  # sub-groups too (comm.new_group)
         dist.init_process_group(
             "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
             timeout=timedelta(seconds=timeout_s),

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from sptutor import comm
+
 
 @dataclass(frozen=True)
 class UspMesh:
@@ -66,8 +68,8 @@ def make_usp_mesh(
     check_mesh_sizes(ulysses, ring, len(members))
     rows = [members[i * ulysses : (i + 1) * ulysses] for i in range(ring)]  # contiguous ranks
     columns = [members[j::ulysses] for j in range(ulysses)]  # strided ranks
-    row_groups = [dist.new_group(row) for row in rows]
-    column_groups = [dist.new_group(column) for column in columns]
+    row_groups = [comm.new_group(row) for row in rows]
+    column_groups = [comm.new_group(column) for column in columns]
     me = dist.get_rank()
     if me not in members:
         return None

@@ -57,8 +57,8 @@ def make_grid(sp: int, dp: int, *, ulysses: int | None = None) -> Grid:
         )
     sp_rows = [list(range(d * sp, (d + 1) * sp)) for d in range(dp)]  # contiguous
     dp_columns = [list(range(s, world, sp)) for s in range(sp)]  # strided
-    sp_groups = [dist.new_group(row) for row in sp_rows]
-    dp_groups = [dist.new_group(column) for column in dp_columns]
+    sp_groups = [comm.new_group(row) for row in sp_rows]
+    dp_groups = [comm.new_group(column) for column in dp_columns]
     dp_rank, sp_rank = divmod(rank, sp)
     # collective: every process takes part in every SP group's mesh, and keeps its own
     meshes = [make_usp_mesh(ulysses, sp // ulysses, g) if ulysses else None for g in sp_groups]

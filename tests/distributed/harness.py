@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from hypothesis import strategies as st
 
-from sptutor import cost, launch, layout
+from sptutor import comm, cost, launch, layout
 from sptutor.mesh import make_usp_mesh
 from sptutor.testing import Case, compare_with_oracle, run_case
 
@@ -43,7 +43,7 @@ def softmax_cases(draw, method: str, members: tuple[int, ...]) -> Case:
 
 def run_on_rank(rank: int, world: int, cases: list[Case]) -> list[dict | None]:
     """Body of each process: make the sub-groups and USP meshes (collective), run its cases."""
-    groups = {members: dist.new_group(list(members)) for members in GROUPS}
+    groups = {members: comm.new_group(members) for members in GROUPS}
     usp_layouts = sorted({(c.members, c.ulysses) for c in cases if c.method == "usp"})
     meshes = {
         (members, degree): make_usp_mesh(degree, len(members) // degree, groups[members])
