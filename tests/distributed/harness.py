@@ -9,7 +9,6 @@ from global ranks (peers must be computed from the group, never assumed).
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from hypothesis import strategies as st
 
 from sptutor import comm, cost, launch, layout

@@ -12,7 +12,6 @@ import subprocess
 import sys
 from dataclasses import dataclass, replace
 
-import pytest
 import torch
 
 from sptutor import launch, train
