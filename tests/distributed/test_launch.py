@@ -1,5 +1,18 @@
-"""sptutor.launch.spawn: closures run by value, and a failing rank ends the launch quickly with
-its own message (DESIGN §8: never a hang)."""
+"""sptutor.launch.spawn: closures run by value, and a rank that raises, dies, hangs or never
+starts ends the launch with a message that names it; no child outlives the launch.
+
+No test measures seconds (CI boxes are loaded). A fast path is proved by a message: each launch
+gets a timeout far above its start-up, so a report that names a death or an error, not a timeout,
+was made before the timeout ran out.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,6 +20,21 @@ import torch.distributed as dist
 
 import sptutor
 from sptutor import launch
+
+TIMEOUT_S = 20  # a launch starts in ~5 s on a loaded two-core box
+
+
+def _write_pid(folder: Path, rank: int) -> None:
+    (folder / f"{rank}.pid").write_text(str(os.getpid()))
+
+
+def _assert_all_ended(folder: Path, world: int) -> None:
+    """Every rank wrote its pid, and none of those processes exists any more."""
+    pids = [int(path.read_text()) for path in folder.glob("*.pid")]
+    assert len(pids) == world
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
 
 
 def test_a_failing_rank_ends_the_launch_with_its_message():
@@ -17,7 +45,7 @@ def test_a_failing_rank_ends_the_launch_with_its_message():
         sptutor.ring_attention(q, q, q, layout="zigzag" if rank == 2 else "contiguous")
 
     with pytest.raises(launch.SpawnError, match=r"rank 2 of 4 failed(.|\n)*zigzag layout needs"):
-        launch.spawn(body, 4, timeout=120)
+        launch.spawn(body, 4, timeout=TIMEOUT_S)
 
 
 def test_a_function_defined_in_a_test_runs_under_spawn():
@@ -30,3 +58,109 @@ def test_a_function_defined_in_a_test_runs_under_spawn():
         return rank, int(total)
 
     assert launch.spawn(body, 3) == [(0, 33), (1, 33), (2, 33)]
+
+
+def test_a_rank_that_exits_is_reported_with_its_exit_code(tmp_path):
+    """Rank 1 calls os._exit(3) while the others wait for it in all_reduce: spawn names rank 1 and
+    its exit code (not a timeout, nor the others' lost connection) and ends every rank."""
+
+    def body(rank, world):
+        _write_pid(tmp_path, rank)
+        if rank == 1:
+            os._exit(3)
+        dist.all_reduce(torch.ones(1))
+
+    with pytest.raises(launch.SpawnError, match=r"^rank 1 of 3 died with exit code 3 before"):
+        launch.spawn(body, 3, timeout=TIMEOUT_S)
+    _assert_all_ended(tmp_path, 3)
+
+
+def test_a_rank_killed_by_a_signal_is_reported_with_the_signal(tmp_path):
+    """Rank 2 SIGKILLs itself while the others wait in all_reduce: spawn names it and the signal."""
+
+    def body(rank, world):
+        _write_pid(tmp_path, rank)
+        if rank == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        dist.all_reduce(torch.ones(1))
+
+    with pytest.raises(launch.SpawnError, match=r"^rank 2 of 3 was killed by signal 9 \(SIGKILL\)"):
+        launch.spawn(body, 3, timeout=TIMEOUT_S)
+    _assert_all_ended(tmp_path, 3)
+
+
+def test_at_the_timeout_the_rank_outside_the_collective_is_named(tmp_path):
+    """Rank 1 sleeps while ranks 0 and 2 wait in a barrier: when the timeout runs out, spawn names
+    rank 1 as the one holding them up, says where each rank was, and ends every rank."""
+
+    def body(rank, world):
+        _write_pid(tmp_path, rank)
+        if rank == 1:
+            time.sleep(3600)
+        dist.barrier()
+
+    with pytest.raises(launch.SpawnError, match=r"^spawn timed out after 10 s") as raised:
+        launch.spawn(body, 3, timeout=10)
+    assert "Holding the others up (outside any collective they waited in): rank 1." in str(
+        raised.value
+    )
+    assert "rank 0: waiting in torch.distributed (barrier)" in str(raised.value)
+    _assert_all_ended(tmp_path, 3)
+
+
+def test_a_hung_rank_is_blamed_when_its_peers_time_out_first(tmp_path):
+    """Rank 1 sleeps while the others' all_reduce on a 2 s group times out: spawn blames rank 1,
+    which never answered, not the ranks whose collective timed out waiting for it."""
+
+    def body(rank, world):
+        _write_pid(tmp_path, rank)
+        quick = dist.new_group(list(range(world)), timeout=timedelta(seconds=2))
+        if rank == 1:
+            time.sleep(3600)
+        dist.all_reduce(torch.ones(1), group=quick)
+
+    with pytest.raises(launch.SpawnError, match=r"^(.|\n)*never answered") as raised:
+        launch.spawn(body, 3, timeout=60)
+    assert "Holding the others up (outside any collective they waited in): rank 1." in str(
+        raised.value
+    )
+    assert "The first error, from rank" in str(raised.value)
+    _assert_all_ended(tmp_path, 3)
+
+
+UNGUARDED_SCRIPT = """
+import os
+
+from sptutor import launch
+
+if __name__ == "__mp_main__" and os.environ.get("DIE_WHILE_STARTING"):
+    os._exit(5)  # every child re-runs this script first: these die before spawn's function
+
+
+def body(rank, world):
+    return rank
+
+
+os.environ["DIE_WHILE_STARTING"] = "1"
+try:
+    launch.spawn(body, 2)
+except launch.SpawnError as error:
+    print(error)
+del os.environ["DIE_WHILE_STARTING"]
+launch.spawn(body, 2)  # at the top level, no __main__ guard: each child calls it again
+"""
+
+
+def test_children_that_die_while_starting_and_a_missing_main_guard_are_explained(tmp_path):
+    """A script whose children die while re-running it gets their exit code; a spawn call at its
+    top level (no ``if __name__ == "__main__":``) gets one sentence naming the guard, not each
+    child's traceback, well within a budget shorter than spawn's 300 s default timeout."""
+    script = tmp_path / "check.py"
+    script.write_text(UNGUARDED_SCRIPT)
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
+    )
+    assert "of 2 died with exit code 5 before it started running the function" in done.stdout
+    assert done.returncode != 0
+    assert 'under `if __name__ == "__main__":`' in done.stderr
+    assert "bootstrapping phase" not in done.stderr  # Python's own error, once per child
