@@ -15,6 +15,9 @@ Softmax attention (DESIGN §2, §6):
 Linear attention (DESIGN §2), in the section at the end: :func:`linear_chunk_forward` and
 :func:`linear_chunk_backward` (one chunk, with its incoming and outgoing state and a per-head
 decay) and the pieces they are made of, which LASP and LASP-2 schedule differently.
+:func:`linear_chunk_intra_blocked` and :func:`linear_chunk_intra_backward_blocked` compute the
+intra-chunk part in sub-chunks with the state carried between them (time and memory linear in C);
+the ``"torch"`` backend runs those, the oracle the plain C×C form.
 
 Blocks compute in float32 for 16-bit inputs and in float64 for float64 inputs (the accumulation
 dtype); callers cast the final output back.
@@ -187,8 +190,14 @@ def attention_block_backward(
 # (``linear_readout``, ``linear_local_state``, ``linear_carry``); ``linear_chunk_forward`` and
 # ``linear_chunk_backward`` put them together. Non-causal attention is the same pieces with
 # ``decay=None`` and no intra part: local state ``K^T V``, summed over ranks, read as ``q·KV``.
-# Everything computes in the accumulation dtype; states are returned in it.
+# Everything computes in the accumulation dtype; states are returned in it. The ``*_blocked``
+# intra functions walk the chunk in sub-chunks with the state carried between them, so only the
+# plain ``linear_chunk_intra`` and its backward ever build a C×C tensor.
 # ==================================================================================================
+
+# sub-chunk length T of the blocked intra functions: T² per sub-chunk stays small (O(C·T·D) work
+# in all) while C/T Python steps stay few; T ~ D balances the T²·D and T·D² products
+LINEAR_BLOCK = 128
 
 # multiply-adds per token and per D² of each product of a chunk with a state (see linear_macs)
 _STATE_PRODUCTS = {
@@ -212,29 +221,65 @@ def _to_kv_heads(grad: torch.Tensor, heads_kv: int) -> torch.Tensor:
     return group_query_heads(grad, heads_kv).sum(3)
 
 
-def linear_decay_powers(
+def _decay_rates(
+    decay: torch.Tensor | None, heads_q: int, dtype: torch.dtype, device: torch.device | None
+) -> torch.Tensor:
+    """(Hq,) per-head decay in ``dtype`` (ones for None). Callers pass the accumulation dtype, so
+    powers are taken in float32 or float64, never of a decay rounded to 16 bits."""
+    if decay is None:
+        return torch.ones(heads_q, dtype=dtype, device=device)
+    return decay.to(device=device, dtype=dtype)
+
+
+def linear_decay_mask(
     decay: torch.Tensor | None,
     heads_q: int,
     length: int,
     dtype: torch.dtype,
     device: torch.device | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The decay weights of a chunk of ``length`` = C tokens, per query head.
-
-    decay: (Hq,) in (0, 1], or None (= 1). Returns, with offsets i, j in 0..C-1 inside the chunk,
-    mask (Hq, C, C): ``decay^(i-j)`` for i >= j, else 0 (the causal mask M);
-    q_decay (Hq, C): ``decay^(i+1)``, how much of the incoming state token i sees;
-    k_decay (Hq, C): ``decay^(C-1-i)``, how much of token i is left in the outgoing state;
-    chunk_decay (Hq,): ``decay^C``, how much of the incoming state is left in the outgoing one.
-    """
-    rates = torch.ones(heads_q, dtype=dtype, device=device) if decay is None else decay.to(dtype)
+) -> torch.Tensor:
+    """The causal mask M of a chunk of ``length`` = C tokens: (Hq, C, C), ``decay^(i-j)`` for
+    i >= j, else 0 (offsets i, j in 0..C-1). The only C×C decay tensor: plain intra form only."""
+    rates = _decay_rates(decay, heads_q, dtype, device)
     offsets = torch.arange(length, device=rates.device)
     distance = offsets[:, None] - offsets[None, :]  # (C, C): i - j
     powers = rates[:, None, None] ** distance.clamp(min=0)  # (Hq, C, C)
-    mask = torch.where(distance >= 0, powers, torch.zeros_like(powers))
-    q_decay = rates[:, None] ** (offsets + 1)  # (Hq, C)
-    k_decay = rates[:, None] ** (length - 1 - offsets)  # (Hq, C)
-    return mask, q_decay, k_decay, rates**length
+    return torch.where(distance >= 0, powers, torch.zeros_like(powers))
+
+
+def linear_query_decay(
+    decay: torch.Tensor | None,
+    heads_q: int,
+    length: int,
+    dtype: torch.dtype,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """(Hq, C): ``decay^(i+1)``, how much of the incoming state token i of the chunk sees."""
+    rates = _decay_rates(decay, heads_q, dtype, device)
+    return rates[:, None] ** torch.arange(1, length + 1, device=rates.device)
+
+
+def linear_key_decay(
+    decay: torch.Tensor | None,
+    heads_q: int,
+    length: int,
+    dtype: torch.dtype,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """(Hq, C): ``decay^(C-1-i)``, how much of token i is left in the chunk's outgoing state."""
+    rates = _decay_rates(decay, heads_q, dtype, device)
+    return rates[:, None] ** torch.arange(length - 1, -1, -1, device=rates.device)
+
+
+def linear_chunk_decay(
+    decay: torch.Tensor | None,
+    heads_q: int,
+    length: int,
+    dtype: torch.dtype,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """(Hq,): ``decay^C``, how much of the incoming state is left in the outgoing one."""
+    return _decay_rates(decay, heads_q, dtype, device) ** length
 
 
 def linear_chunk_intra(
@@ -246,7 +291,7 @@ def linear_chunk_intra(
     """
     heads_q = q.shape[2]
     q, k, v = _to_query_heads(q, heads_q), _to_query_heads(k, heads_q), _to_query_heads(v, heads_q)
-    mask = linear_decay_powers(decay, heads_q, q.shape[1], q.dtype, q.device)[0]
+    mask = linear_decay_mask(decay, heads_q, q.shape[1], q.dtype, q.device)  # (Hq, C, C)
     weights = torch.einsum("bihd,bjhd->bhij", q, k) * mask  # (B, Hq, C, C)
     return torch.einsum("bhij,bjhe->bihe", weights, v)
 
@@ -260,7 +305,7 @@ def linear_readout(
     is the whole output ``q·KV_total``.
     """
     q = _to_query_heads(q, q.shape[2])
-    q_decay = linear_decay_powers(decay, q.shape[2], q.shape[1], q.dtype, q.device)[1]
+    q_decay = linear_query_decay(decay, q.shape[2], q.shape[1], q.dtype, q.device)  # (Hq, C)
     return torch.einsum("hi,bihd,bhde->bihe", q_decay, q, state.to(q.dtype))
 
 
@@ -273,7 +318,7 @@ def linear_local_state(
     ``KV_out`` for a zero incoming state; non-causal (decay None) it is ``K^T V``.
     """
     k, v = _to_query_heads(k, heads_q), _to_query_heads(v, heads_q)
-    k_decay = linear_decay_powers(decay, heads_q, k.shape[1], k.dtype, k.device)[2]
+    k_decay = linear_key_decay(decay, heads_q, k.shape[1], k.dtype, k.device)  # (Hq, C)
     return torch.einsum("hi,bihd,bihe->bhde", k_decay, k, v)
 
 
@@ -286,8 +331,9 @@ def linear_carry(
     """
     if state is None:
         return local
-    chunk_decay = linear_decay_powers(decay, local.shape[1], length, local.dtype, local.device)[3]
-    return chunk_decay[:, None, None] * state.to(local.dtype) + local  # (B, Hq, D, D)
+    acc = accumulation_dtype(local.dtype)
+    chunk_decay = linear_chunk_decay(decay, local.shape[1], length, acc, local.device)  # (Hq,)
+    return chunk_decay[:, None, None] * state.to(acc) + local.to(acc)  # (B, Hq, D, D)
 
 
 def linear_chunk_forward(
@@ -331,7 +377,7 @@ def linear_chunk_intra_backward(
     heads_q, heads_kv = q.shape[2], k.shape[2]
     q, dout = _to_query_heads(q, heads_q), _to_query_heads(dout, heads_q)
     k, v = _to_query_heads(k, heads_q), _to_query_heads(v, heads_q)  # (B, C, Hq, D)
-    mask = linear_decay_powers(decay, heads_q, q.shape[1], q.dtype, q.device)[0]
+    mask = linear_decay_mask(decay, heads_q, q.shape[1], q.dtype, q.device)  # (Hq, C, C)
     weights = torch.einsum("bihd,bjhd->bhij", q, k) * mask  # (B, Hq, C, C)
     dweights = torch.einsum("bihe,bjhe->bhij", dout, v) * mask
     dq = torch.einsum("bhij,bjhd->bihd", dweights, k)
@@ -345,7 +391,7 @@ def linear_readout_backward(
 ) -> torch.Tensor:
     """dq of :func:`linear_readout`: ``dq_i = decay^(i+1) dO_i KV^T``. (B, C, Hq, D)."""
     dout = _to_query_heads(dout, dout.shape[2])
-    q_decay = linear_decay_powers(decay, dout.shape[2], dout.shape[1], dout.dtype, dout.device)[1]
+    q_decay = linear_query_decay(decay, dout.shape[2], dout.shape[1], dout.dtype, dout.device)
     return torch.einsum("hi,bihe,bhde->bihd", q_decay, dout, state.to(dout.dtype))
 
 
@@ -357,7 +403,7 @@ def linear_local_dstate(
     q, dout: (B, C, Hq, D). Returns (B, Hq, D, D); non-causal (decay None) it is ``Q^T dO``.
     """
     q, dout = _to_query_heads(q, q.shape[2]), _to_query_heads(dout, q.shape[2])
-    q_decay = linear_decay_powers(decay, q.shape[2], q.shape[1], q.dtype, q.device)[1]
+    q_decay = linear_query_decay(decay, q.shape[2], q.shape[1], q.dtype, q.device)  # (Hq, C)
     return torch.einsum("hi,bihd,bihe->bhde", q_decay, q, dout)
 
 
@@ -371,7 +417,7 @@ def linear_local_state_backward(
     """
     heads_q, heads_kv = dstate.shape[1], k.shape[2]
     k, v = _to_query_heads(k, heads_q), _to_query_heads(v, heads_q)  # (B, C, Hq, D)
-    k_decay = linear_decay_powers(decay, heads_q, k.shape[1], k.dtype, k.device)[2]
+    k_decay = linear_key_decay(decay, heads_q, k.shape[1], k.dtype, k.device)  # (Hq, C)
     dstate = dstate.to(k.dtype)
     dk = torch.einsum("hi,bihe,bhde->bihd", k_decay, v, dstate)
     dv = torch.einsum("hi,bihd,bhde->bihe", k_decay, k, dstate)
@@ -408,6 +454,55 @@ def linear_chunk_backward(
         dk, dv = dk + dk_state, dv + dv_state
     dstate_in = linear_carry(dstate_out, linear_local_dstate(q, dout, decay), decay, q.shape[1])
     return dq, dk, dv, dstate_in
+
+
+def linear_chunk_intra_blocked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    decay: torch.Tensor | None,
+    block: int = LINEAR_BLOCK,
+) -> torch.Tensor:
+    """:func:`linear_chunk_intra` in sub-chunks of ``block`` = T tokens: no C×C tensor.
+
+    q: (B, C, Hq, D); k, v: (B, C, Hkv, D); decay: (Hq,) or None. Returns (B, C, Hq, D).
+    Each sub-chunk is a chunk of its own (:func:`linear_chunk_forward`) that starts from the
+    state of the sub-chunks before it — LASP's chain inside one rank — so time is O(C·T·D + C·D²)
+    and memory beside inputs and output O(T² + D²) per (batch, head).
+    """
+    state, outs = None, []
+    for start in range(0, q.shape[1], block):
+        part = slice(start, start + block)
+        out, state = linear_chunk_forward(q[:, part], k[:, part], v[:, part], state, decay)
+        outs.append(out)  # (B, T, Hq, D)
+    return torch.cat(outs, dim=1)
+
+
+def linear_chunk_intra_backward_blocked(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    decay: torch.Tensor | None,
+    block: int = LINEAR_BLOCK,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`linear_chunk_intra_backward` in sub-chunks of ``block`` = T tokens: no C×C tensor.
+
+    Shapes as there; time and memory as :func:`linear_chunk_intra_blocked`.
+    ``dQ = [(dO V^T) ⊙ M] K`` is the intra forward of (dO, V, K), blocked. dK, dV walk the
+    sub-chunks last to first, each a chunk with no incoming state (:func:`linear_chunk_backward`)
+    handed the dKV of the sub-chunks after it; its dq (intra only) is not needed.
+    """
+    dq = linear_chunk_intra_blocked(dout, v, k, decay, block)
+    dstate, dk, dv = None, [], []
+    for start in reversed(range(0, q.shape[1], block)):
+        part = slice(start, start + block)
+        _, dk_part, dv_part, dstate = linear_chunk_backward(
+            dout[:, part], dstate, q[:, part], k[:, part], v[:, part], None, decay
+        )
+        dk.insert(0, dk_part)  # (B, T, Hkv, D)
+        dv.insert(0, dv_part)
+    return dq, torch.cat(dk, dim=1), torch.cat(dv, dim=1)
 
 
 def linear_macs(part: str, batch: int, heads_q: int, length: int, head_dim: int) -> int:

@@ -13,7 +13,9 @@ def main(argv: list[str] | None = None) -> int:
         "tour", help="measure and print what each sequence-parallel method rests on"
     )
     bench = commands.add_parser("bench", help="time sptutor's Triton kernels on a GPU")
-    bench.add_argument("what", choices=["kernels"], help="what to time")
+    bench.add_argument(
+        "what", choices=["kernels", "lasp"], help="kernels (GPU), or LASP's torch backend (CPU)"
+    )
     bench.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     bench.add_argument("--quick", action="store_true", help="fewer, shorter sequences")
     _add_train_parser(commands)
@@ -25,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         from sptutor import bench as benchmarks
 
+        if args.what == "lasp":
+            return benchmarks.run_lasp(quick=args.quick)
         return benchmarks.run_kernels(dtype=args.dtype, quick=args.quick)
     if args.command == "train":
         from sptutor import train

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from sptutor import blocks
 from sptutor.oracle import reference
-from sptutor.testing import assert_close
+from sptutor.testing import assert_close, relative_error
 from tests.helpers import state_after
 from tests.strategies import HEAD_DIMS, decays, heads, tensors
 
@@ -134,3 +134,49 @@ def test_macs_count_the_matrix_products():
     assert blocks.linear_macs("local_state_backward", 2, 3, 6, 4) == 2 * 2 * 3 * 6 * 16
     with pytest.raises(ValueError, match="part must be"):
         blocks.linear_macs("inter", 1, 1, 1, 1)
+
+
+@st.composite
+def blocked_case(draw):
+    """q, k, v, dout of one chunk of C tokens, a decay and a sub-chunk length T (any C % T)."""
+    chunk, (heads_q, heads_kv) = draw(st.integers(1, 200)), draw(heads())
+    batch, head_dim = draw(st.integers(1, 2)), draw(st.sampled_from(HEAD_DIMS))
+    q, k, v, dout = tensors(
+        draw(st.integers(0, 10**6)),
+        (batch, chunk, heads_q, head_dim),
+        (batch, chunk, heads_kv, head_dim),
+        (batch, chunk, heads_kv, head_dim),
+        (batch, chunk, heads_q, head_dim),
+    )
+    block = draw(st.one_of(st.integers(1, 16), st.just(blocks.LINEAR_BLOCK)))
+    return dict(q=q, k=k, v=v, dout=dout, decay=draw(decays(heads_q)), block=block)
+
+
+@given(blocked_case())
+def test_blocked_intra_forward_and_backward_equal_the_plain_form(case):
+    """Sub-chunks with the state carried between them give the plain C×C intra output and grads."""
+    q, k, v, dout, decay, block = (case[n] for n in ("q", "k", "v", "dout", "decay", "block"))
+    pairs = [
+        (blocks.linear_chunk_intra_blocked(q, k, v, decay, block),
+         blocks.linear_chunk_intra(q, k, v, decay)),
+        *zip(blocks.linear_chunk_intra_backward_blocked(dout, q, k, v, decay, block),
+             blocks.linear_chunk_intra_backward(dout, q, k, v, decay)),
+    ]  # fmt: skip
+    for name, (blocked, plain) in zip(("out", "dq", "dk", "dv"), pairs):
+        assert blocked.shape == plain.shape and blocked.dtype == plain.dtype == torch.float64
+        # float64, the same sums regrouped by sub-chunk (~5e-16 observed): 1e-13 is the bound the
+        # blocked form promises, and a wrong power or a lost sub-chunk is an O(1e-2) error
+        assert relative_error(blocked, plain) <= 1e-13, name
+
+
+def test_carry_is_a_d_by_d_step_with_decay_powers_in_the_state_dtype():
+    """linear_carry at C = 2^20 builds nothing of size C; decay^C comes from the unrounded decay."""
+    decay = torch.tensor([0.9999, 0.5])  # float32; 0.9999 is 1.0 in bfloat16
+    state, local = tensors(0, (1, 2, 3, 3), (1, 2, 3, 3), dtype=torch.float32)
+    for length in (16384, 2**20):
+        carried = blocks.linear_carry(state, local, decay, length)
+        expected = (decay.double() ** length)[:, None, None] * state.double() + local.double()
+        assert carried.dtype == torch.float32
+        # float32 roundoff (6e-8) on one product and one sum: 1e-5 as float32 results everywhere;
+        # a decay rounded to 16 bits first would leave 1.0 instead of 0.19 for 0.9999^16384
+        assert_close(carried, expected, dtype=torch.float32)
