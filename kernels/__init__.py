@@ -8,16 +8,25 @@
 
 On a machine without CUDA, importing this package sets ``TRITON_INTERPRET=1`` if the variable is
 unset, so the kernels run on CPU tensors under the Triton interpreter (slow, for tests and
-reading). Triton reads the variable when ``@triton.jit`` decorates a kernel, i.e. when the kernel
-modules below are first imported; set it yourself (``0`` or ``1``) before that to choose.
+reading). Triton reads the variable when ``@triton.jit`` decorates a kernel, so it cannot be
+chosen per call: it holds for the **whole process**, and any other Triton code imported after
+this package is interpreted too. A warning says so once, when this package sets it. Set the
+variable yourself (``0`` or ``1``) before importing to choose; it is then left alone.
 """
 
 import os
+import warnings
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
+    os.environ["TRITON_INTERPRET"] = "1"
+    warnings.warn(
+        "sptutor.kernels found no CUDA GPU and set TRITON_INTERPRET=1 for this whole process: "
+        "every Triton kernel decorated from now on, not only sptutor's, runs under the slow "
+        "interpreter. Set TRITON_INTERPRET before importing sptutor.kernels to choose.",
+        stacklevel=2,
+    )
 
 # imported after choosing: @triton.jit reads TRITON_INTERPRET
 from sptutor.kernels._tiles import INTERPRETED, TileConfig

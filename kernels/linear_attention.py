@@ -33,7 +33,7 @@ def _check(q, k, v, decay, causal, **states):
     _tiles.check_inputs(q, k, v)
     if k.shape[1] != q.shape[1]:
         raise ValueError(f"q and k must have one length, got S={q.shape[1]} and {k.shape[1]}")
-    check_decay(decay, q.shape[2], causal)
+    check_decay(decay, q, causal)
     batch, _, heads_q, head_dim = q.shape
     for name, state in states.items():
         if state is not None and state.shape != (batch, heads_q, head_dim, head_dim):

@@ -50,8 +50,8 @@ def _all_gather_kv(world, k, v):
     """
     # K and V stacked into one tensor per rank, so that one collective moves both
     fused = [torch.stack(kv_shards) for kv_shards in zip(k, v)]  # W x (2, B, S/W, Hkv, D)
-    gathered = world.all_gather(fused, phase="forward")
-    return [torch.stack(blocks_of_rank) for blocks_of_rank in gathered]
+    # kept as gathered: the buffer the collective filled is the one saved for backward
+    return world.all_gather(fused, phase="forward")  # W x (W, 2, B, S/W, Hkv, D)
 
 
 def _forward(world, q, k, v, positions, causal, scale):

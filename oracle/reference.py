@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from sptutor.checks import check_decay
+from sptutor.checks import check_decay, check_positions, check_qkv
 
 
 def _positions(pos: torch.Tensor | None, length: int, device: torch.device) -> torch.Tensor:
@@ -17,10 +17,7 @@ def _positions(pos: torch.Tensor | None, length: int, device: torch.device) -> t
 
 def _broadcast_kv_heads(q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
     """Repeat each K/V head for the query heads that share it (GQA/MQA): (B, S, Hq, D)."""
-    heads_q, heads_kv = q.shape[2], kv.shape[2]
-    if heads_q % heads_kv:
-        raise ValueError(f"need Hq % Hkv == 0, got Hq={heads_q}, Hkv={heads_kv}")
-    return kv.repeat_interleave(heads_q // heads_kv, dim=2)
+    return kv.repeat_interleave(q.shape[2] // kv.shape[2], dim=2)
 
 
 def full_attention(
@@ -41,6 +38,9 @@ def full_attention(
     score row,
     float32 (float64 for float64 inputs). A row that sees no key has out 0 and lse -inf.
     """
+    check_qkv(q, k, v, same_length=False)
+    check_positions(q_pos, q.shape[1], "q_pos")
+    check_positions(k_pos, k.shape[1], "k_pos")
     head_dim = q.shape[-1]
     scale = head_dim**-0.5 if scale is None else scale
     k, v = _broadcast_kv_heads(q, k), _broadcast_kv_heads(q, v)  # (B, S_k, Hq, D)
@@ -75,8 +75,9 @@ def full_linear_attention(
     (= 1). Non-causal: ``o_i = sum_j (q_i . k_j) v_j`` (decay not allowed).
     Returns out: (B, S, Hq, D).
     """
+    check_qkv(q, k, v, same_length=causal)  # causal: i and j index one sequence
+    check_decay(decay, q, causal)
     seq_len, heads_q = q.shape[1], q.shape[2]
-    check_decay(decay, heads_q, causal)
     k, v = _broadcast_kv_heads(q, k), _broadcast_kv_heads(q, v)  # (B, S, Hq, D)
     weights = torch.einsum("bqhd,bkhd->bhqk", q, k)  # (B, Hq, S, S)
     if causal:

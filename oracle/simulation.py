@@ -42,7 +42,7 @@ def _check_options(method, q, k, v, dout, world, causal, layout, ulysses, decay,
         check_linear_layout(layout)
         if scale is not None:
             raise ValueError(f"{method} is linear attention: it takes no scale, got scale={scale}")
-        check_decay(decay, q.shape[2], causal)
+        check_decay(decay, q, causal)
     elif decay is not None:
         raise ValueError(f"decay is for linear attention (lasp, lasp2), not {method}")
     ulysses = ulysses or 1

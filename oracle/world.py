@@ -79,13 +79,14 @@ class World:
 
     def all_gather(
         self, tensors: list[torch.Tensor], *, phase: str, step: int = 0
-    ) -> list[list[torch.Tensor]]:
-        """Every rank receives every rank's tensor: returns ``gathered[j] = [tensors[0], ...]``."""
+    ) -> list[torch.Tensor]:
+        """Every rank receives every rank's tensor: ``gathered[j]`` is rank j's copy, a
+        (W, *shape) tensor whose ``[i]`` is ``tensors[i]`` (as ``sptutor.comm.all_gather``)."""
         if self.size == 1:
-            return [list(tensors)]
+            return [tensors[0][None]]
         for i, x in enumerate(tensors):
             self._log("all_gather", i, None, nbytes(x), phase, step)
-        return [[x.clone() for x in tensors] for _ in range(self.size)]
+        return [torch.stack(tensors) for _ in range(self.size)]  # W x (W, *shape)
 
     def reduce_scatter(
         self, chunks: list[list[torch.Tensor]], *, phase: str, step: int = 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from sptutor import blocks
+from sptutor import agreement, blocks, comm
 from sptutor import layout as layout_
 
 BACKENDS = ("auto", "torch", "triton")
@@ -44,18 +44,46 @@ def resolve(backend: str, like: torch.Tensor) -> str:
 
 
 def prepare(
-    q: torch.Tensor, *, world: int, layout: str, backend: str, scale: float | None, ulysses: int = 1
+    method: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    group,
+    causal: bool,
+    layout: str,
+    backend: str,
+    scale: float | None,
+    ulysses: int = 1,
+    return_lse: bool = False,
 ) -> tuple[list[torch.Tensor], str, float]:
     """What a softmax method derives from its arguments before its first message.
 
-    q: (B, S/W, Hq, D) this rank's queries. Returns every rank's positions (W x (S/W,), layout
-    sizes checked), the concrete backend and the scale (default D ** -0.5).
+    q: (B, S/W, Hq, D), k: (B, S/W, Hkv, D) this rank's shards, already checked locally. Checks
+    this process is in ``group`` and that every rank of it made the same call
+    (``sptutor.agreement``, once per signature, not logged). Returns every rank's positions
+    (W x (S/W,), layout sizes checked), the concrete backend and the scale (default D ** -0.5).
     """
+    agreement.check_membership(group, method)
+    _, world = comm.rank_and_size(group)
     positions = layout_.all_positions(
         q.shape[1] * world, world=world, layout=layout, ulysses=ulysses, device=q.device
     )
+    concrete = resolve(backend, q)
+    call = agreement.signature(method, q, k, causal=causal, layout=layout, scale=scale,
+                               ulysses=ulysses, return_lse=return_lse)  # fmt: skip
+    agreement.check_ranks_agree(group, call, tokens_by_layout(world, layout, ulysses))
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return positions, resolve(backend, q), scale
+    return positions, concrete, scale
+
+
+def tokens_by_layout(world: int, layout: str, ulysses: int = 1):
+    """``S -> [tokens of each rank]`` under ``layout`` (ValueError for an S it cannot cut)."""
+
+    def tokens(seq_len: int) -> list[int]:
+        cut = layout_.all_positions(seq_len, world=world, layout=layout, ulysses=ulysses)
+        return [len(p) for p in cut]
+
+    return tokens
 
 
 def attention_forward(backend: str, q, k, v, q_pos, k_pos, causal: bool, scale: float):
@@ -83,12 +111,13 @@ def attention_backward(
 def linear_local_forward(backend: str, q, k, v, decay, needs_state: bool):
     """A chunk's work that waits for nobody (LASP): the intra-chunk output ``[(QK^T)⊙M]V``
     (B, C, Hq, D) and, if ``needs_state``, its local state ``sum_i decay^(C-1-i) k_i^T v_i``
-    (B, Hq, D, D) — on triton one fused kernel (the chunk with no incoming state)."""
+    (B, Hq, D, D) — on triton one fused kernel (the chunk with no incoming state), on torch in
+    sub-chunks of ``blocks.LINEAR_BLOCK`` tokens (memory O(C·D + D²), time linear in C)."""
     if backend == "triton":
         acc = blocks.accumulation_dtype(q.dtype)
         out, local = _kernels().linear_attention_forward(q, k, v, decay=decay, out_dtype=acc)
         return out, local if needs_state else None
-    out = blocks.linear_chunk_intra(q, k, v, decay)
+    out = blocks.linear_chunk_intra_blocked(q, k, v, decay)
     local = blocks.linear_local_state(k, v, decay, heads_q=q.shape[2]) if needs_state else None
     return out, local
 
@@ -96,14 +125,15 @@ def linear_local_forward(backend: str, q, k, v, decay, needs_state: bool):
 def linear_local_backward(backend: str, dout, q, k, v, state_in, decay, needs_dstate: bool):
     """Gradients that wait for nobody: intra-chunk dq, dk, dv, dq through the cached
     ``state_in`` (or None), and if ``needs_dstate`` the local ``sum_i decay^(i+1) q_i^T dO_i``.
-    Returns dq: (B, C, Hq, D), dk, dv: (B, C, Hkv, D), local_dstate: (B, Hq, D, D) or None."""
+    Returns dq: (B, C, Hq, D), dk, dv: (B, C, Hkv, D), local_dstate: (B, Hq, D, D) or None.
+    On torch the intra part runs in sub-chunks, as forward."""
     if backend == "triton":  # dstate_out=None: the later chunks' dKV is added when it arrives
         dq, dk, dv, local_dstate = _kernels().linear_attention_backward(
             dout, q, k, v, state=state_in, decay=decay,
             grad_dtype=blocks.accumulation_dtype(q.dtype),
         )  # fmt: skip
         return dq, dk, dv, local_dstate if needs_dstate else None
-    dq, dk, dv = blocks.linear_chunk_intra_backward(dout, q, k, v, decay)
+    dq, dk, dv = blocks.linear_chunk_intra_backward_blocked(dout, q, k, v, decay)
     if state_in is not None:  # the state read in forward is cached: no message needed
         dq = dq + blocks.linear_readout_backward(dout, state_in, decay)
     local_dstate = blocks.linear_local_dstate(q, dout, decay) if needs_dstate else None

@@ -9,10 +9,13 @@ from __future__ import annotations
 import torch
 
 
-def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+def check_qkv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, same_length: bool = True
+) -> None:
     """q: (B, S, Hq, D), k, v: (B, S, Hkv, D) of one floating dtype and device, Hq % Hkv == 0.
 
-    Self-attention: q and k hold the same tokens (a full sequence, or one rank's shard of it).
+    Self-attention (``same_length``, every method): q and k hold the same tokens (a full
+    sequence, or one rank's shard of it). The ground truth also takes S_q != S_k.
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
@@ -32,28 +35,50 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         )
     if heads_q % heads_kv:
         raise ValueError(f"need Hq % Hkv == 0, got Hq={heads_q}, Hkv={heads_kv}")
-    if q.shape[1] != k.shape[1]:
+    if same_length and q.shape[1] != k.shape[1]:
         raise ValueError(
             f"q and k must have one sequence length, got {q.shape[1]} and {k.shape[1]}"
         )
 
 
-def check_decay(decay: torch.Tensor | None, heads_q: int, causal: bool) -> None:
-    """decay: None, or a (Hq,) tensor in (0, 1] that does not require grad, causal only."""
+def check_positions(pos: torch.Tensor | None, length: int, name: str) -> None:
+    """pos: None (= arange) or an integer (length,) tensor of global positions."""
+    if pos is None:
+        return
+    if not isinstance(pos, torch.Tensor) or pos.dtype.is_floating_point or pos.is_complex():
+        raise TypeError(f"{name} must be an integer torch.Tensor, got {_describe(pos)}")
+    if pos.shape != (length,):
+        raise ValueError(
+            f"{name} must have shape ({length},), one position per token, got {tuple(pos.shape)}"
+        )
+
+
+def check_decay(decay: torch.Tensor | None, q: torch.Tensor, causal: bool) -> None:
+    """decay: None, or a floating (Hq,) tensor in (0, 1] on q's device that does not require
+    grad, causal only; q: (B, S, Hq, D) the queries it decays."""
     if decay is None:
         return
     if not causal:
         raise ValueError(
             "decay needs causal=True: non-causal linear attention has no order to decay along"
         )
+    if not isinstance(decay, torch.Tensor) or not decay.dtype.is_floating_point:
+        raise TypeError(f"decay must be a floating torch.Tensor, got {_describe(decay)}")
+    if decay.device != q.device:
+        raise TypeError(f"decay must be on q's device {q.device}, got {decay.device}")
     if decay.requires_grad:
         raise ValueError("decay must not require grad: it is a fixed per-head constant")
+    heads_q = q.shape[2]
     if decay.shape != (heads_q,):
         raise ValueError(f"decay must have shape (Hq,) = ({heads_q},), got {tuple(decay.shape)}")
     if not bool(((decay > 0) & (decay <= 1)).all()):
         raise ValueError(
             f"decay must lie in (0, 1], got min={decay.min().item()}, max={decay.max().item()}"
         )
+
+
+def _describe(x: object) -> str:
+    return f"a {x.dtype} tensor" if isinstance(x, torch.Tensor) else type(x).__name__
 
 
 def check_ulysses_heads(heads_q: int, heads_kv: int, degree: int) -> None:

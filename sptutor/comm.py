@@ -124,16 +124,20 @@ def all_to_all(
     return list(received.unbind(0))
 
 
-def all_gather(x: torch.Tensor, group, *, phase: str, step: int = 0) -> list[torch.Tensor]:
-    """Every group rank's ``x``, in group-rank order."""
+def all_gather(x: torch.Tensor, group, *, phase: str, step: int = 0) -> torch.Tensor:
+    """Every group rank's ``x``, in group-rank order: (W, *x.shape), ``[j]`` from group rank j.
+
+    The result is the very buffer the collective wrote into (no copy after it), so a caller that
+    keeps it keeps one copy of the gathered data.
+    """
     _, size = rank_and_size(group)
     if size == 1:
-        return [x]
+        return x[None]
     _log("all_gather", group, None, _nbytes(x), phase, step)
     # flat buffers: gloo wants the output as the inputs concatenated along dim 0, not stacked
     gathered = x.new_empty(size * x.numel())
     _all_gather(gathered, x.contiguous().reshape(-1), group=group)
-    return list(gathered.reshape(size, *x.shape).unbind(0))  # W x x.shape
+    return gathered.view(size, *x.shape)  # (W, *x.shape)
 
 
 def reduce_scatter(chunks: list[torch.Tensor], group, *, phase: str, step: int = 0) -> torch.Tensor:

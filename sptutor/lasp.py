@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from sptutor import backends, blocks, comm
+from sptutor import agreement, backends, blocks, comm
 from sptutor.checks import check_decay, check_qkv
 
 
@@ -199,12 +199,17 @@ class _LinearAttention(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
-def _attention(q, k, v, causal, decay, group, backend, steps):
-    """Check everything this rank can see (DESIGN §8, before any message), then run ``steps``."""
+def _attention(method, q, k, v, causal, decay, group, backend, steps):
+    """Check everything this rank can see (DESIGN §8, before any message) and that every rank
+    made the same call (``sptutor.agreement``, not logged), then run ``steps``."""
     check_qkv(q, k, v)
-    check_decay(decay, q.shape[2], causal)
+    check_decay(decay, q, causal)
+    agreement.check_membership(group, method)
     # the chunk's local work runs on the backend; non-causal pieces are single matmuls (torch)
     backend = backends.resolve(backend, q)
+    _, world = comm.rank_and_size(group)
+    call = agreement.signature(method, q, k, causal=causal, decay=decay)
+    agreement.check_ranks_agree(group, call, backends.tokens_by_layout(world, "contiguous"))
     return _LinearAttention.apply(q, k, v, causal, decay, group, backend, steps)
 
 
@@ -228,7 +233,7 @@ def lasp_attention(
     Returns out: (B, C, Hq, D) this rank's output (differentiable), unnormalised (DESIGN §2).
     """
     steps = (_forward, _backward, _all_reduce)
-    return _attention(q, k, v, causal, decay, group, backend, steps)
+    return _attention("lasp", q, k, v, causal, decay, group, backend, steps)
 
 
 def lasp2_attention(
@@ -247,4 +252,4 @@ def lasp2_attention(
     causal or not. Returns out: (B, C, Hq, D) this rank's output (differentiable).
     """
     steps = (_forward_lasp2, _backward_lasp2, _all_gather_and_sum)
-    return _attention(q, k, v, causal, decay, group, backend, steps)
+    return _attention("lasp2", q, k, v, causal, decay, group, backend, steps)

@@ -30,8 +30,8 @@ def _all_gather_kv(k, v, group):
     """
     # K and V stacked into one tensor, so that one collective moves both
     fused = torch.stack((k, v))  # (2, B, S/W, Hkv, D)
-    gathered = comm.all_gather(fused, group, phase="forward")
-    return torch.stack(gathered)  # (W, 2, B, S/W, Hkv, D)
+    # kept as gathered: the buffer the collective filled is the one saved for backward
+    return comm.all_gather(fused, group, phase="forward")  # (W, 2, B, S/W, Hkv, D)
 
 
 def _forward(q, k, v, positions, causal, scale, group, backend):
@@ -119,9 +119,9 @@ def lss_attention(
     lse: (B, Hq, S/W) (detached, float32; float64 for float64 inputs).
     """
     check_qkv(q, k, v)
-    _, W = comm.rank_and_size(group)
     positions, backend, scale = backends.prepare(
-        q, world=W, layout=layout, backend=backend, scale=scale
-    )
+        "lss", q, k, group=group, causal=causal, layout=layout, backend=backend, scale=scale,
+        return_lse=return_lse,
+    )  # fmt: skip
     out, lse = _LSSAttention.apply(q, k, v, positions, causal, scale, group, backend)
     return (out, lse) if return_lse else out

@@ -100,19 +100,29 @@ def rotary(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> t
 
     Channel i is paired with channel i + D/2 and turned by ``position · base^(-2i/D)``; only the
     positions matter, so any layout gives each token the rotation it has in the full sequence.
+    Angles and the rotation are computed in float32 (float64 for float64 x), then cast back: a
+    16-bit position would round (bfloat16 keeps 8 bits, so positions above 256 collide).
     """
+    acc = blocks.accumulation_dtype(x.dtype)
     half = x.shape[-1] // 2
-    frequencies = base ** (-torch.arange(half, dtype=x.dtype, device=x.device) / half)  # (D/2,)
-    angles = positions.to(x.dtype)[:, None] * frequencies[None, :]  # (S_loc, D/2)
+    frequencies = base ** (-torch.arange(half, dtype=acc, device=x.device) / half)  # (D/2,)
+    angles = (
+        positions.to(device=x.device, dtype=acc)[:, None] * frequencies[None, :]
+    )  # (S_loc, D/2)
     cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]  # (1, S_loc, 1, D/2)
-    first, second = x[..., :half], x[..., half:]
-    return torch.cat((first * cos - second * sin, first * sin + second * cos), dim=-1)
+    first, second = x[..., :half].to(acc), x[..., half:].to(acc)
+    rotated = torch.cat((first * cos - second * sin, first * sin + second * cos), dim=-1)
+    return rotated.to(x.dtype)
 
 
-def linear_decay(heads_q: int, dtype: torch.dtype) -> torch.Tensor:
-    """Per-head decay ``exp(-2^(-8(h+1)/Hq))``, (Hq,): ALiBi slopes, as LASP's TransNormerLLM."""
+def linear_decay(heads_q: int, like: torch.Tensor) -> torch.Tensor:
+    """Per-head decay ``exp(-2^(-8(h+1)/Hq))``, (Hq,): ALiBi slopes, as LASP's TransNormerLLM.
+
+    Made on ``like``'s device in its accumulation dtype (float32 for 16-bit ``like``): the decay
+    is raised to powers up to S, and a 16-bit rounding of it would grow S-fold in the exponent.
+    """
     slopes = 2.0 ** (-8.0 * torch.arange(1, heads_q + 1, dtype=torch.float64) / heads_q)
-    return torch.exp(-slopes).to(dtype)
+    return torch.exp(-slopes).to(device=like.device, dtype=blocks.accumulation_dtype(like.dtype))
 
 
 def full_softmax_attention(q, k, v, positions):
@@ -181,7 +191,7 @@ class Attention(nn.Module):
 
     def _linear(self, q, k, v, group):
         """Causal linear attention with decay of this rank's shard: (B, S_loc, Hq, D)."""
-        decay = linear_decay(q.shape[2], q.dtype)
+        decay = linear_decay(q.shape[2], q)
         if self.config.attention == "linear":
             return full_linear_attention(q, k, v, decay)
         return _SP_ATTENTION[self.config.attention](q, k, v, causal=True, decay=decay, group=group)
@@ -258,7 +268,8 @@ class TinyGPT(nn.Module):
         the SP ranks' losses add up to the full-sequence mean (and their gradients add up too).
         """
         logits = self.logits(ids, group=group, mesh=mesh, positions=positions)
-        world = 1 if positions is not None else sp_world(self.config, group=group, mesh=mesh)
+        # the global token count comes from the group, whoever chose the positions
+        world = sp_world(self.config, group=group, mesh=mesh)
         return local_loss(logits, targets, tokens=ids.numel() * world)
 
 

@@ -113,9 +113,9 @@ def ring_attention(
     lse: (B, Hq, S/W) (detached, float32; float64 for float64 inputs).
     """
     check_qkv(q, k, v)
-    _, W = comm.rank_and_size(group)
     positions, backend, scale = backends.prepare(
-        q, world=W, layout=layout, backend=backend, scale=scale
-    )
+        "ring", q, k, group=group, causal=causal, layout=layout, backend=backend, scale=scale,
+        return_lse=return_lse,
+    )  # fmt: skip
     out, lse = _RingAttention.apply(q, k, v, positions, causal, scale, group, backend)
     return (out, lse) if return_lse else out

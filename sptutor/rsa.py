@@ -234,8 +234,10 @@ def rsa_attention(
     lse: (B, Hq, S/W) (detached, float32; float64 for float64 inputs).
     """
     check_qkv(q, k, v)
-    _, W = comm.rank_and_size(group)
     # a bad backend name is an error, but the full score rows stay in torch (DESIGN §4)
-    positions, _, scale = backends.prepare(q, world=W, layout=layout, backend=backend, scale=scale)
+    positions, _, scale = backends.prepare(
+        "rsa", q, k, group=group, causal=causal, layout=layout, backend=backend, scale=scale,
+        return_lse=return_lse,
+    )  # fmt: skip
     out, lse = _RingSelfAttention.apply(q, k, v, positions, causal, scale, group)
     return (out, lse) if return_lse else out

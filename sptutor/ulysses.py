@@ -196,7 +196,8 @@ def ulysses_attention(
     _, W = comm.rank_and_size(group)
     _check_inputs(q, k, v, W)
     positions, backend, scale = backends.prepare(
-        q, world=W, layout=layout, backend=backend, scale=scale
-    )
+        "ulysses", q, k, group=group, causal=causal, layout=layout, backend=backend, scale=scale,
+        return_lse=return_lse,
+    )  # fmt: skip
     out, lse_heads = _UlyssesAttention.apply(q, k, v, positions, causal, scale, group, backend)
     return (out, _lse_to_seq(lse_heads, group)) if return_lse else out

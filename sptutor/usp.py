@@ -84,8 +84,8 @@ class _UspAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None
 
 
-def _check_mesh(mesh) -> int:
-    """Check ``mesh`` is a ``UspMesh`` with U·R == W and groups of U and R ranks; returns W."""
+def _check_mesh(mesh) -> None:
+    """Check ``mesh`` is a ``UspMesh`` with U·R == W and groups of U and R ranks."""
     if not isinstance(mesh, UspMesh):
         raise TypeError(
             f"usp needs the UspMesh that make_usp_mesh returns, got {type(mesh).__name__}"
@@ -98,7 +98,6 @@ def _check_mesh(mesh) -> int:
             f"mesh groups must hold U={mesh.ulysses} and R={mesh.ring} ranks, got "
             f"ulysses_group of {sizes[0]} and ring_group of {sizes[1]}"
         )
-    return world
 
 
 def usp_attention(
@@ -124,10 +123,11 @@ def usp_attention(
     lse: (B, Hq, S/W) (detached, float32; float64 for float64 inputs), which costs one more
     all-to-all in the ulysses group.
     """
-    W = _check_mesh(mesh)
+    _check_mesh(mesh)
     ulysses._check_inputs(q, k, v, mesh.ulysses)
     positions, backend, scale = backends.prepare(
-        q, world=W, layout=layout, backend=backend, scale=scale, ulysses=mesh.ulysses
-    )
+        "usp", q, k, group=mesh.group, causal=causal, layout=layout, backend=backend,
+        scale=scale, ulysses=mesh.ulysses, return_lse=return_lse,
+    )  # fmt: skip
     out, lse_heads = _UspAttention.apply(q, k, v, positions, causal, scale, mesh, backend)
     return (out, ulysses._lse_to_seq(lse_heads, mesh.ulysses_group)) if return_lse else out

@@ -40,11 +40,11 @@ MUST_COLLECT = ("tests/distributed",)
 
 
 def _whole_suite(config: pytest.Config) -> bool:
-    """Was the run asked for everything (no paths, -k, -m, --lf or --deselect)?"""
+    """Was the run asked for everything (no paths, -k, -m, --lf, --deselect or --ignore)?"""
     option = config.option
     if option.keyword or option.markexpr or getattr(option, "lf", False):
         return False
-    if getattr(option, "deselect", None):
+    if any(getattr(option, name, None) for name in ("deselect", "ignore", "ignore_glob")):
         return False
     root = Path(config.rootpath)
     named = [Path(arg.split("::")[0]).resolve() for arg in config.args]

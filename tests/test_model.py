@@ -108,14 +108,14 @@ def test_the_baselines_equal_the_ground_truth(seq_len, seed):
     expected, _ = oracle.full_attention(q, k, v, causal=True, q_pos=positions, k_pos=positions)
     # float64, both plain full-matrix softmax: DESIGN §7's 1e-10 relative
     assert_close(full_softmax_attention(q, k, v, positions), expected)
-    decay = linear_decay(4, torch.float64)
+    decay = linear_decay(4, q)
     expected = oracle.full_linear_attention(q, k, v, causal=True, decay=decay)
     assert_close(full_linear_attention(q, k, v, decay), expected)
 
 
 def test_the_linear_decay_lies_in_the_open_unit_interval():
     """ALiBi-style slopes give Hq decays in (0, 1), slowest fading on the last head."""
-    decay = linear_decay(8, torch.float64)
+    decay = linear_decay(8, torch.zeros((), dtype=torch.float64))
     assert decay.shape == (8,) and bool(((decay > 0) & (decay < 1)).all())
     assert bool((decay[1:] > decay[:-1]).all())
 
@@ -134,3 +134,26 @@ def test_bad_configs_raise_with_the_numbers(changes, message):
     """A config that cannot work raises ValueError naming the precondition."""
     with pytest.raises(ValueError, match=message):
         dataclasses.replace(CONFIG, **changes)
+
+
+def test_rope_in_bfloat16_rotates_by_the_exact_position():
+    """RoPE of bf16 activations at positions past 256 turns each token by its own position: the
+    result equals the float64 rotation of the same inputs, rounded once to bf16."""
+    x = torch.randn(1, 64, 2, 8, generator=torch.Generator().manual_seed(0)).bfloat16()
+    positions = torch.arange(1000, 1064)  # bf16 spaces representable integers 4 apart here
+    rotated = rotary(x, positions)
+    expected = rotary(x.double(), positions).bfloat16()
+    assert rotated.dtype == torch.bfloat16
+    # the float32 and float64 rotations differ far below bf16's spacing: at most one rounding
+    # step (2^-8 relative) apart; bf16 angles would miss by whole radians
+    assert relative_error(rotated.double(), expected.double()) <= 2**-8
+
+
+def test_the_decay_is_made_in_the_accumulation_dtype_on_the_queries_device():
+    """For 16-bit queries the decay comes in float32 (not rounded to 16 bits before it is raised
+    to powers up to S) and on the queries' device."""
+    exact = linear_decay(4, torch.zeros(1, dtype=torch.float64))
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        decay = linear_decay(4, torch.zeros(1, dtype=dtype))
+        assert decay.dtype == torch.float32 and torch.equal(decay, exact.float())
+    assert linear_decay(4, torch.zeros(1, device="meta")).device.type == "meta"

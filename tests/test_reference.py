@@ -158,3 +158,47 @@ def test_heads_that_do_not_group_raise():
     q, k, v = tensors(0, (1, 4, 3, 3), (1, 4, 2, 3), (1, 4, 2, 3))
     with pytest.raises(ValueError, match="Hq=3, Hkv=2"):
         reference.full_attention(q, k, v)
+
+
+@pytest.mark.parametrize(
+    ("changes", "error", "message"),
+    [
+        (
+            dict(q=torch.zeros(4, 2, 3)),
+            ValueError,
+            r"q must be \(B, S, H, D\), got shape \(4, 2, 3\)",
+        ),
+        (
+            dict(k=torch.zeros(1, 6, 2, 4).double(), v=torch.zeros(1, 6, 2, 4).double()),
+            ValueError,
+            "agree on B and D",
+        ),
+        (dict(v=torch.zeros(1, 6, 2, 3, dtype=torch.float32)), TypeError, "one floating dtype"),
+        (dict(q_pos=torch.arange(3)), ValueError, r"q_pos must have shape \(4,\).*got \(3,\)"),
+        (dict(k_pos=torch.arange(7)), ValueError, r"k_pos must have shape \(6,\).*got \(7,\)"),
+        (dict(q_pos=torch.zeros(4)), TypeError, "q_pos must be an integer torch.Tensor"),
+    ],
+)
+def test_full_attention_refuses_bad_input_with_the_numbers(changes, error, message):
+    """The ground truth checks its own inputs (S_q != S_k allowed; causal or not, a position
+    vector of the wrong length is an error), naming the shapes, before any einsum."""
+    inputs = dict(
+        q=torch.zeros(1, 4, 2, 3, dtype=torch.float64),
+        k=torch.zeros(1, 6, 2, 3, dtype=torch.float64),
+        v=torch.zeros(1, 6, 2, 3, dtype=torch.float64),
+    )
+    inputs.update(changes)
+    with pytest.raises(error, match=message):
+        reference.full_attention(**inputs)
+    assert reference.full_attention(*tensors(0, (1, 4, 2, 3), (1, 6, 1, 3), (1, 6, 1, 3)))
+
+
+def test_a_decay_on_another_device_or_of_integers_is_a_type_error():
+    """decay must be a floating tensor on q's device: a CUDA q with a CPU decay would fail in
+    the middle of a chain while the peers wait."""
+    q, k, v = tensors(0, (1, 4, 2, 3), (1, 4, 2, 3), (1, 4, 2, 3))
+    cases = [(torch.ones(2, device="meta"), "decay must be on q's device cpu"),
+             (torch.ones(2, dtype=torch.int64), "decay must be a floating")]  # fmt: skip
+    for decay, message in cases:
+        with pytest.raises(TypeError, match=message):
+            reference.full_linear_attention(q, k, v, causal=True, decay=decay)

@@ -6,6 +6,8 @@ import itertools
 import torch
 from hypothesis import Phase, given, settings
 
+import sptutor
+from sptutor import comm, launch
 from sptutor.testing import Case
 from tests.distributed.harness import (
     assert_real_matches_oracle,
@@ -41,3 +43,30 @@ def assert_saved_bytes_formula(grid, results):
         local = 2 * case.batch * tokens * case.heads_q * case.head_dim * itemsize + lse
         gathered_kv = 2 * case.batch * case.seq_len * case.heads_kv * case.head_dim * itemsize
         assert all(result["saved"] == local + gathered_kv for result in per_rank.values()), case
+
+
+def _gathered_buffer_is_saved(rank, world):
+    """Does LSS save for backward the very buffer its all-gather filled (no O(S) copy after)?"""
+    filled = []
+    gather = comm._all_gather
+
+    def recording(output, *args, **kwargs):
+        filled.append(output.untyped_storage().data_ptr())
+        return gather(output, *args, **kwargs)
+
+    comm._all_gather = recording
+    q, k, v = (torch.randn(1, 4, 2, 8, requires_grad=True) for _ in range(3))
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor.untyped_storage().data_ptr())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        sptutor.lss_attention(q, k, v, causal=True)
+    return filled[0] in saved
+
+
+def test_lss_keeps_the_gathered_buffer_not_a_copy():
+    """The K, V LSS keeps are the all-gather's own output: O(S) bytes once, not twice."""
+    assert launch.spawn(_gathered_buffer_is_saved, 2) == [True, True]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from sptutor import launch, train
-from sptutor.model import GPTConfig, TinyGPT
+from sptutor.model import GPTConfig, TinyGPT, sp_positions
 from sptutor.parallel import average_gradients, make_grid, sum_over_sp, wrap_ddp, wrap_fsdp2
 from sptutor.testing import assert_close
 
@@ -36,6 +36,7 @@ class StepCase:
     layout: str = "contiguous"
     ulysses: int = 1
     sync: str = "average"
+    explicit_positions: bool = False  # pass the layout's positions to the model by hand
 
     @property
     def config(self) -> GPTConfig:
@@ -60,6 +61,7 @@ CASES = [
     StepCase("lasp2", 2, sync="fsdp2-dp"),
     StepCase("lss", 2, "striped", sync="fsdp2-world"),
     StepCase("ring", 4, "zigzag", sync="fsdp2-world"),
+    StepCase("ring", 2, "zigzag", explicit_positions=True),  # the loss share still counts W
 ]  # fmt: skip
 
 
@@ -85,7 +87,10 @@ def _one_step(case: StepCase, grid) -> tuple[float, dict[str, torch.Tensor]]:
     model = TinyGPT(case.config)
     wrapped = _wrap(model, grid, case.sync)
     ids, targets = train.local_batch(*_global_batch(grid.dp), grid, case.config)
-    loss = wrapped(ids, targets, group=grid.sp_group, mesh=grid.mesh)
+    positions = None
+    if case.explicit_positions:
+        positions = sp_positions(case.config, ids.shape[1], group=grid.sp_group, mesh=grid.mesh)
+    loss = wrapped(ids, targets, group=grid.sp_group, mesh=grid.mesh, positions=positions)
     loss.backward()
     if case.sync == "average":
         average_gradients(model, grid)
