@@ -3,7 +3,8 @@
 - :func:`flash_attention_forward`, :func:`flash_attention_backward`: FlashAttention-2 with masks
   from global positions, the contract of ``sptutor.blocks.attention_block`` and its backward.
 - :func:`linear_attention_forward`, :func:`linear_attention_backward`: chunked causal (or
-  non-causal) linear attention with a per-head decay and an incoming state (DESIGN §2).
+  non-causal) linear attention with a per-head decay and an incoming state (see Design,
+  *Linear attention*).
 - ``TileConfig``: tile sizes and launch parameters, to tune on a GPU (``config=``).
 
 On a machine without CUDA, importing this package sets ``TRITON_INTERPRET=1`` if the variable is

@@ -3,9 +3,9 @@
 Both walk the sequence in sub-chunks of BLOCK_T tokens and carry a state tile
 ``(BLOCK_DK, BLOCK_DV)`` in registers: one program per (column slice of the state, batch·head).
 Inside a sub-chunk the causal part is a masked ``(T x T)`` product, across sub-chunks the state
-carries the rest (the chunk formula of DESIGN §2, applied at the sub-chunk scale). With offsets
-i, j in the sub-chunk of n valid tokens: ``M_ij = decay^(i-j)`` (i >= j), ``a_i = decay^(i+1)``,
-``b_j = decay^(n-1-j)``, ``g = decay^n``.
+carries the rest (the chunk formula of Design, *Linear attention*, at the sub-chunk scale). With
+offsets i, j in the sub-chunk of n valid tokens: ``M_ij = decay^(i-j)`` (i >= j),
+``a_i = decay^(i+1)``, ``b_j = decay^(n-1-j)``, ``g = decay^n``.
 
 - :func:`_scan_forward_kernel` (first to last sub-chunk):
   ``O_t = [(Q_t K_t^T) ⊙ M] V_t + diag(a) Q_t S``, then ``S = g·S + K_t^T diag(b) V_t``.

@@ -91,7 +91,7 @@ def linear_config(head_dim: int, dtype: torch.dtype) -> TileConfig:
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """q: (B, S_q, Hq, D), k, v: (B, S_k, Hkv, D), Hq % Hkv == 0, D <= 256, one dtype the kernels
     take (bf16 only compiled) and one device they run on (CUDA, or any when interpreted).
-    Raises ValueError for shapes, TypeError for dtypes and devices (DESIGN §8)."""
+    Raises ValueError for shapes, TypeError for dtypes and devices (see Design, *Errors*)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             raise ValueError(f"{name} must be a (B, S, H, D) tensor, got {getattr(x, 'shape', x)}")

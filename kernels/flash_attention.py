@@ -97,7 +97,7 @@ def _prepare(q, k, v, q_pos, k_pos, scale):
 
 
 def _precision(dtype: torch.dtype, tf32: bool) -> str:
-    """Exact fp32 products by default; TF32 tensor cores only when asked (DESIGN §4)."""
+    """Exact fp32 products by default; TF32 only when asked (see Design, *Public API*)."""
     return "tf32" if tf32 and dtype == torch.float32 else "ieee"
 
 

@@ -1,10 +1,10 @@
 """Chunked linear attention in Triton: the chunk of ``sptutor.blocks`` with its state, fused.
 
 The contract of :func:`sptutor.blocks.linear_chunk_forward` and
-:func:`sptutor.blocks.linear_chunk_backward` (DESIGN §2): unnormalised, causal with a per-head
-decay, an incoming state ``KV_p0: (B, Hq, D, D)`` (one per query head) and the outgoing
-``KV_out``; K/V heads are indexed, never repeated (GQA/MQA). Every result is one of two scans
-(``_linear_scans.py``): the forward scan carries the state first to last, the backward scan
+:func:`sptutor.blocks.linear_chunk_backward` (see Design, *Linear attention*): unnormalised, causal
+with a per-head decay, an incoming state ``KV_p0: (B, Hq, D, D)`` (one per query head) and the
+outgoing ``KV_out``; K/V heads are indexed, never repeated (GQA/MQA). Every result is one of two
+scans (``_linear_scans.py``): the forward scan carries the state first to last, the backward scan
 carries its gradient last to first, and the gradients are the same two scans with the roles of
 q, k, v, dO swapped:
 
@@ -82,8 +82,9 @@ def linear_attention_forward(
         v: (B, C, Hkv, D) values.
         state: (B, Hq, D, D) ``KV_p0``, the state after the tokens before the chunk, or None (= 0).
         decay: (Hq,) per-head decay in (0, 1], or None (= 1); causal only, not differentiable.
-        causal: ``o_i = [(Q K^T) ⊙ M] V + decay^(i+1) q_i KV_p0`` (DESIGN §2). Non-causal, the
-            chunk's queries see every key so far: ``o_i = q_i (KV_p0 + K^T V)``.
+        causal: ``o_i = [(Q K^T) ⊙ M] V + decay^(i+1) q_i KV_p0`` (see Design, *Linear
+            attention*). Non-causal, the chunk's queries see every key so far:
+            ``o_i = q_i (KV_p0 + K^T V)``.
         out_dtype: dtype of ``out``, default q's.
         config: ``block_m`` tokens per sub-chunk, ``block_n`` state columns per program.
 

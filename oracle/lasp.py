@@ -17,10 +17,10 @@ Every rank first does the work that needs nothing from the others — the intra-
   ``dk = v dKV^T``, ``dv = k dKV``.
 
 States travel in the accumulation dtype (float32 for 16-bit inputs, as LASP keeps its kv in
-float32), one per query head: ``(B, Hq, D, D)`` (DESIGN §2) — under GQA that is Hq/Hkv times the
-state a per-K/V-head design would send; the linear kernels take the same state. Each rank keeps
-its q, k, v shards and the state it read (state_in: the received or prefix state, none on rank 0;
-non-causal the total) for backward, never the output.
+float32), one per query head: ``(B, Hq, D, D)`` (see Design, *Linear attention*) — under GQA that is
+Hq/Hkv times the state a per-K/V-head design would send; the linear kernels take the same state.
+Each rank keeps its q, k, v shards and the state it read (state_in: the received or prefix state,
+none on rank 0; non-causal the total) for backward, never the output.
 
 Mirrors ``sptutor/lasp.py`` step for step; here index ``t`` of each list is rank t.
 """

@@ -1,7 +1,7 @@
 """LSS Transformer (Wang et al. 2023), emulated: a fused all-gather, then a fused reduce-scatter.
 
-This is **our reading of the paper's abstract** (DESIGN §1, PAPERS §2): its method section was not
-available to us. The abstract promises "fused communication" and no aggregation of partial
+This is **our reading of the paper's abstract** (see Design, *What sptutor is*): its method section
+was not available to us. The abstract promises "fused communication" and no aggregation of partial
 self-attention; we read that as:
 
 Forward:

@@ -1,13 +1,14 @@
 """Ring Self-Attention (RSA, Li et al. 2021), emulated: full score rows, then rings of K and V.
 
-Forward, the paper's ``RingQK`` then ``RingAV`` (PAPERS §1.2):
+Forward, the paper's ``RingQK`` then ``RingAV`` (its §3.1 and its code):
 
 1. Ring of keys (W-1 hops): rank r fills its full score rows ``S^r: (B, Hq, S/W, S)`` block by
    block, ``S^r[:, :, block(src)] = scale·q·k_src^T``, masked from global positions.
 2. Softmax over the whole row, no online softmax: ``P = exp(S - lse)``.
 3. Ring of values (W-1 hops): ``out = sum_src P[:, :, block(src)]·v_src`` (paper eq. 4).
 
-Backward, the paper's code (``RingAV.backward`` then ``RingQK.backward``, PAPERS §1.3):
+Backward, the paper's code (``RingAV.backward`` then ``RingQK.backward``; the paper itself only
+summarises it):
 
 1. ``P^T·dO``: the local queries' share of the gradient of *every* key's value, (B, S, Hkv, D);
    all-reduce, each rank keeps its own rows.

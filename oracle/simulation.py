@@ -28,7 +28,7 @@ def _emulator(method: str):
 
 
 def _check_options(method, q, k, v, dout, world, causal, layout, ulysses, decay, scale) -> int:
-    """Validate everything before emulating (DESIGN §8); returns the Ulysses degree U."""
+    """Validate everything before emulating (see Design, *Errors*); returns the Ulysses degree U."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     check_qkv(q, k, v)

@@ -2,8 +2,9 @@
 
 Nothing here touches ``torch.distributed``. Index ``i`` of every list is the ``i``-th rank of the
 group; ``World.ranks[i]`` is its global rank. Each collective logs one ``CommEvent`` per sending
-rank into the shared ledger, by the rules of DESIGN §5: the sender logs, ranks are global, bytes
-come from ``ledger.wire_bytes``, and a group of one rank moves nothing and logs nothing.
+rank into the shared ledger, by the rules of Design, *The ledger*: the sender logs, ranks are
+global, bytes come from ``ledger.wire_bytes``, and a group of one rank moves nothing and logs
+nothing.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ A method moves blocks of K and V (or states) between ranks; what each rank compu
 of the functions here. The oracle's emulations and the real code's ``"torch"`` backend both call
 them, so the two sides differ only in how blocks travel.
 
-Softmax attention (DESIGN §2, §6):
+Softmax attention (see Design, *Conventions* and *Layering*):
 
 - :func:`attention_block` — this rank's queries against one block of keys, masks from global
   positions, returning the block's output and log-sum-exp.
@@ -12,12 +12,12 @@ Softmax attention (DESIGN §2, §6):
 - :func:`attention_block_backward` — the FlashAttention-2 backward of one block, given the *final*
   output and LSE of the rows (so block gradients simply add up).
 
-Linear attention (DESIGN §2), in the section at the end: :func:`linear_chunk_forward` and
-:func:`linear_chunk_backward` (one chunk, with its incoming and outgoing state and a per-head
-decay) and the pieces they are made of, which LASP and LASP-2 schedule differently.
-:func:`linear_chunk_intra_blocked` and :func:`linear_chunk_intra_backward_blocked` compute the
-intra-chunk part in sub-chunks with the state carried between them (time and memory linear in C);
-the ``"torch"`` backend runs those, the oracle the plain C×C form.
+Linear attention (see Design, *Linear attention*), in the section at the end:
+:func:`linear_chunk_forward` and :func:`linear_chunk_backward` (one chunk, with its incoming and
+outgoing state and a per-head decay) and the pieces they are made of, which LASP and LASP-2 schedule
+differently. :func:`linear_chunk_intra_blocked` and :func:`linear_chunk_intra_backward_blocked`
+compute the intra-chunk part in sub-chunks with the state carried between them (time and memory
+linear in C); the ``"torch"`` backend runs those, the oracle the plain C×C form.
 
 Blocks compute in float32 for 16-bit inputs and in float64 for float64 inputs (the accumulation
 dtype); callers cast the final output back.
@@ -183,7 +183,8 @@ def attention_block_backward(
 
 
 # ==================================================================================================
-# Linear attention (DESIGN §2): unnormalised, causal with a per-head decay, state per query head.
+# Linear attention (Design, *Linear attention*): unnormalised, causal with a per-head decay, a
+# state per query head.
 #
 # A chunk of C tokens starting after global position p0 splits into a part that needs no state
 # (``linear_chunk_intra``) and parts that read or build the state ``KV_p0: (B, Hq, D, D)``
@@ -314,8 +315,9 @@ def linear_local_state(
 ) -> torch.Tensor:
     """The chunk's own contribution to the outgoing state: ``sum_i decay^(C-1-i) k_i^T v_i``.
 
-    k, v: (B, C, Hkv, D). Returns (B, Hq, D, D), one state per query head (DESIGN §2). It is
-    ``KV_out`` for a zero incoming state; non-causal (decay None) it is ``K^T V``.
+    k, v: (B, C, Hkv, D). Returns (B, Hq, D, D), one state per query head (see Design, *Linear
+    attention*). It is ``KV_out`` for a zero incoming state; non-causal (decay None) it is
+    ``K^T V``.
     """
     k, v = _to_query_heads(k, heads_q), _to_query_heads(v, heads_q)
     k_decay = linear_key_decay(decay, heads_q, k.shape[1], k.dtype, k.device)  # (Hq, C)
@@ -343,7 +345,7 @@ def linear_chunk_forward(
     state: torch.Tensor | None,
     decay: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal linear attention of one chunk given the state before it (DESIGN §2).
+    """Causal linear attention of one chunk given the state before it (Design, *Linear attention*).
 
     q: (B, C, Hq, D); k, v: (B, C, Hkv, D); state: KV_p0 (B, Hq, D, D), or None (= 0, the first
     chunk); decay: (Hq,) or None. Returns out (B, C, Hq, D) and KV_out (B, Hq, D, D).

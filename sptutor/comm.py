@@ -1,10 +1,10 @@
 """Thin wrappers over ``torch.distributed``: every message a method sends goes through here.
 
 Each wrapper records one ``CommEvent`` per tensor this rank puts on the wire, in every open
-``ledger.record()``, by the rules of DESIGN §5 (the sender logs, ranks are global, bytes from
-``ledger.wire_bytes``; a group of one rank moves nothing and logs nothing). Tensors are made
-contiguous before they are sent (gloo refuses strided ones), peers are computed from the group,
-and renamed collectives of newer torch versions are hidden here.
+``ledger.record()``, by the rules of Design, *The ledger* (the sender logs, ranks are global, bytes
+from ``ledger.wire_bytes``; a group of one rank moves nothing and logs nothing). Tensors are made
+contiguous before they are sent (gloo refuses strided ones), peers are computed from the group, and
+renamed collectives of newer torch versions are hidden here.
 """
 
 from __future__ import annotations

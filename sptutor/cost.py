@@ -2,7 +2,7 @@
 
 Tests assert that the oracle's ledger and ``saved_bytes`` (and the real code's) equal these
 numbers exactly, so each formula is a claim about the method, checked. Bytes on the wire follow
-``ledger.wire_bytes`` (DESIGN §5); accumulators travel in float32 for 16-bit inputs.
+``ledger.wire_bytes`` (see Design, *The ledger*); accumulators travel in float32 for 16-bit inputs.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def rsa(shape: Shape, world: int) -> Cost:
 
 
 def lss(shape: Shape, world: int) -> Cost:
-    """LSS Transformer (our reading of its abstract, DESIGN §1) over W ranks, per rank.
+    """LSS Transformer (our reading of its abstract; see Design, *Methods*) over W ranks, per rank.
 
     Forward: one all-gather of the fused [K‖V] shard: ``2(W-1)·B·(S/W)·Hkv·D`` elements, the
     bytes of ring's forward in one collective instead of 2(W-1) sends.
@@ -133,7 +133,8 @@ def _ulysses_all_to_alls(shape: Shape, world: int, degree: int) -> int:
     """Bytes a rank sends in one phase of Ulysses over ``degree`` = U of the W ranks.
 
     Four all-to-alls of its (B, S/W, H, D) tensors, in the inputs' dtype: q, k, v, out forward;
-    dout, dq, dk, dv backward. Each puts ``(U-1)/U`` of the tensor on the wire (DESIGN §5).
+    dout, dq, dk, dv backward. Each puts ``(U-1)/U`` of the tensor on the wire (see Design,
+    *The ledger*).
     """
     tokens = shape.seq_len // world
     q_like = shape.tokens_bytes(tokens, shape.heads_q)
@@ -208,7 +209,7 @@ def lasp(shape: Shape, world: int, *, causal: bool) -> Cost:
 
     A message is one state (B, Hq, D, D) in the accumulation dtype: ``B·Hq·D²`` elements whatever
     S is — the LASP-2 paper's "B·H·d² per step", with H = Hq here because states are per query
-    head (DESIGN §2; under GQA, Hq/Hkv times a per-K/V-head state).
+    head (see Design, *Linear attention*; under GQA, Hq/Hkv times a per-K/V-head state).
     Causal: the paper's 2(W−1) sequential steps: rank t sends KV to t+1 in forward (the last rank
     sends nothing) and dKV to t−1 in backward (rank 0 sends nothing).
     Non-causal (ours): one all-reduce of K^T V forward and one of Q^T dO backward,
@@ -229,11 +230,11 @@ def lasp(shape: Shape, world: int, *, causal: bool) -> Cost:
 def lasp2(shape: Shape, world: int, *, causal: bool) -> Cost:
     """LASP-2 (Sun et al. 2025) over W ranks, per rank.
 
-    The paper's 2 collective steps per iteration, causal or not: one all-gather of the local
-    states (B, Hq, D, D) forward and one of the local dKV backward, accumulation dtype, "B·H·d²"
-    each as the paper counts a step. On the wire (DESIGN §5) an all-gather of T bytes puts
-    ``T·(W−1)`` on it per rank, so each rank sends ``state·(W−1)`` per phase: in total W times
-    what LASP's chain sends, in one step instead of W−1.
+    The paper's 2 collective steps per iteration, causal or not: one all-gather of the local states
+    (B, Hq, D, D) forward and one of the local dKV backward, accumulation dtype, "B·H·d²" each as
+    the paper counts a step. On the wire (see Design, *The ledger*) an all-gather of T bytes puts
+    ``T·(W−1)`` on it per rank, so each rank sends ``state·(W−1)`` per phase: in total W times what
+    LASP's chain sends, in one step instead of W−1.
     Saved: q, k, v shards and the state read — the prefix KV_p0 (none on rank 0) or KV_total.
     """
     gather = _state_bytes(shape) * (world - 1)
@@ -244,7 +245,7 @@ def lasp2(shape: Shape, world: int, *, causal: bool) -> Cost:
 def of(
     method: str, shape: Shape, world: int, *, causal: bool = False, ulysses: int | None = None
 ) -> Cost:
-    """The cost of ``method`` (a name of DESIGN §1) on ``world`` ranks, per rank.
+    """The cost of ``method`` (see Design, *Methods*) on ``world`` ranks, per rank.
 
     ``ulysses`` is the Ulysses degree U of ``usp`` (ring degree ``world // U``); ``causal`` matters
     only for the linear methods (non-causal LASP is one all-reduce).

@@ -18,9 +18,9 @@ others — the intra-chunk output ``[(Q K^T) ⊙ M] V`` and its chunk's local st
   ``dk = v dKV^T``, ``dv = k dKV``.
 
 States travel in the accumulation dtype (float32 for 16-bit inputs), one per query head:
-``(B, Hq, D, D)`` (DESIGN §2). Each rank keeps its q, k, v shards and the state it read
-(state_in: the received or prefix state, none on rank 0; non-causal the total) for backward,
-never the output.
+``(B, Hq, D, D)`` (see Design, *Linear attention*). Each rank keeps its q, k, v shards and the
+state it read (state_in: the received or prefix state, none on rank 0; non-causal the total) for
+backward, never the output.
 
 Mirrors ``oracle/lasp.py`` step for step; here each process is one rank, and a chain step is a
 blocking ``comm.recv`` from the previous rank, then ``comm.send`` to the next: no cycle, so no
@@ -200,8 +200,8 @@ class _LinearAttention(torch.autograd.Function):
 
 
 def _attention(method, q, k, v, causal, decay, group, backend, steps):
-    """Check everything this rank can see (DESIGN §8, before any message) and that every rank
-    made the same call (``sptutor.agreement``, not logged), then run ``steps``."""
+    """Check everything this rank can see (before any message; see Design, *Errors*) and that
+    every rank made the same call (``sptutor.agreement``, not logged), then run ``steps``."""
     check_qkv(q, k, v)
     check_decay(decay, q, causal)
     agreement.check_membership(group, method)
@@ -230,7 +230,8 @@ def lasp_attention(
     decay: (Hq,) in (0, 1], or None (= 1), causal only, not differentiable.
     Causal: a chain of W-1 sends of KV (B, Hq, D, D) forward and W-1 of dKV backward.
     Non-causal: one all-reduce of K^T V forward, one of Q^T dO backward.
-    Returns out: (B, C, Hq, D) this rank's output (differentiable), unnormalised (DESIGN §2).
+    Returns out: (B, C, Hq, D) this rank's output (differentiable), unnormalised (see Design,
+    *Linear attention*).
     """
     steps = (_forward, _backward, _all_reduce)
     return _attention("lasp", q, k, v, causal, decay, group, backend, steps)

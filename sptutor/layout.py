@@ -1,4 +1,6 @@
-"""Which global token positions each rank owns (DESIGN §3), shared by oracle and real code.
+"""Which global token positions each rank owns, shared by oracle and real code.
+
+See Design, *Layouts*.
 
 Three ways to cut a sequence of ``S`` tokens over ``W`` ranks:
 

@@ -1,4 +1,6 @@
-"""The ledger: every message a method sends, and what it costs on the wire (DESIGN §5).
+"""The ledger: every message a method sends, and what it costs on the wire.
+
+See Design, *The ledger*, for the rules.
 
 The oracle writes one ``Ledger`` per simulation; the real code logs into whatever ledgers are open
 with :func:`record`. Both count bytes with :func:`wire_bytes`, so they agree whatever a backend
@@ -54,7 +56,8 @@ def wire_bytes(op: str, tensor_bytes: int, world: int) -> int:
 
     ``tensor_bytes`` is the rank's input for send/all_to_all/all_reduce, its input chunk for
     all_gather and its output chunk for reduce_scatter; ``world`` is the group size. Integer
-    division, as in the table of DESIGN §5 (ring all-reduce = reduce-scatter + all-gather).
+    division, as in the table of Design, *The ledger* (ring all-reduce = reduce-scatter +
+    all-gather).
     """
     if world < 1 or tensor_bytes < 0:
         raise ValueError(f"need world >= 1 and tensor_bytes >= 0, got {world=}, {tensor_bytes=}")

@@ -1,8 +1,8 @@
 """LSS Transformer (Wang et al. 2023) on ``torch.distributed``: a fused all-gather, then a fused
 reduce-scatter.
 
-This is **our reading of the paper's abstract** (DESIGN §1, PAPERS §2); ``oracle/lss.py`` says
-what we read and what could not be checked. Mirrors ``oracle/lss.py`` step for step (same step
+This is **our reading of the paper's abstract** (see Design, *What sptutor is*); ``oracle/lss.py``
+says what we read and what could not be checked. Mirrors ``oracle/lss.py`` step for step (same step
 names, same order of messages); here each process is one rank.
 
 Forward: one all-gather of the fused ``[K‖V]`` shard, kept for backward (O(S) memory per rank);

@@ -7,9 +7,10 @@ attention families:
   causal attention with RoPE, whose angles come from the **global** positions of this rank's tokens
   (``sptutor.layout.positions``), so a sharded run rotates every token exactly as the full run does;
 - linear (``"linear"`` on one process; ``lasp``, ``lasp2`` on W ranks): causal, unnormalised linear
-  attention (DESIGN §2) on the feature map ``elu(x) + 1`` (positive, as in Katharopoulos et al.
-  2020; DESIGN §2 leaves feature maps to the caller), with a fixed per-head decay that gives the
-  order of tokens (no RoPE) and an RMSNorm on its output, as TransNormerLLM does.
+  attention (see Design, *Linear attention*) on the feature map ``elu(x) + 1`` (positive, as in
+  Katharopoulos et al. 2020; the design leaves feature maps to the caller), with a fixed per-head
+  decay that gives the order of tokens (no RoPE) and an RMSNorm on its output, as TransNormerLLM
+  does.
 
 Every rank holds the whole model and runs :meth:`TinyGPT.forward` on its shard of the sequence;
 the loss it returns is its tokens' share of the full-sequence mean (see ``docs/training.md``).
@@ -41,9 +42,10 @@ _SP_ATTENTION = {
 class GPTConfig:
     """Sizes and attention of the tiny GPT.
 
-    ``attention`` is ``"full"``, ``"linear"`` (single-process baselines) or a method of DESIGN §1;
-    ``layout`` is how the sequence is cut over the SP ranks (DESIGN §3); ``ulysses`` is USP's
-    Ulysses degree U; ``heads_kv < heads_q`` is GQA; ``dtype`` names a torch float dtype.
+    ``attention`` is ``"full"``, ``"linear"`` (single-process baselines) or a method of sptutor
+    (see Design, *Methods*); ``layout`` is how the sequence is cut over the SP ranks (see Design,
+    *Layouts*); ``ulysses`` is USP's Ulysses degree U; ``heads_kv < heads_q`` is GQA; ``dtype``
+    names a torch float dtype.
     """
 
     vocab: int = 96
@@ -290,7 +292,7 @@ def sp_world(config: GPTConfig, *, group=None, mesh: UspMesh | None = None) -> i
 
 
 def sp_positions(config: GPTConfig, seq_local: int, *, group=None, mesh=None) -> torch.Tensor:
-    """Global positions (S_loc,) of this rank's tokens under ``config.layout`` (DESIGN §3)."""
+    """This rank's global positions (S_loc,) under ``config.layout`` (see Design, *Layouts*)."""
     world = sp_world(config, group=group, mesh=mesh)
     if world == 1:
         return torch.arange(seq_local)

@@ -4,20 +4,20 @@ of K and V.
 Mirrors ``oracle/rsa.py`` step for step (same step names, same order of messages); here each
 process is one rank, and each ring hop is started before this block's compute so the two overlap.
 
-Forward, the paper's ``RingQK`` then ``RingAV`` (PAPERS §1.2):
+Forward, the paper's ``RingQK`` then ``RingAV`` (its §3.1 and its code):
 
 1. Ring of keys (W-1 hops): this rank fills its full score rows ``S^r: (B, Hq, S/W, S)`` block
    by block, ``S^r[:, :, block(src)] = scale·q·k_src^T``, masked from global positions.
 2. Softmax over the whole row, no online softmax: ``P = exp(S - lse)``.
 3. Ring of values (W-1 hops): ``out = sum_src P[:, :, block(src)]·v_src`` (paper eq. 4).
 
-Backward, the paper's code (``RingAV.backward`` then ``RingQK.backward``, PAPERS §1.3): all-reduce
-of ``P^T·dO`` (dV), ring of values (dP), softmax backward (dS), all-reduce of ``scale·dS^T·Q``
+Backward, the paper's code (``RingAV.backward`` then ``RingQK.backward``): all-reduce of
+``P^T·dO`` (dV), ring of values (dP), softmax backward (dS), all-reduce of ``scale·dS^T·Q``
 (dK), ring of keys (dQ). The choices the paper leaves open are listed in ``oracle/rsa.py``.
 
-RSA always computes on torch, whatever ``backend`` says (DESIGN §4): its full score rows, kept
-for backward, are the point of the method. Saved for backward: q, k, v and P (B, Hq, S/W, S) in
-the inputs' dtype, O(S²/W).
+RSA always computes on torch, whatever ``backend`` says (see Design, *Public API*): its full score
+rows, kept for backward, are the point of the method. Saved for backward: q, k, v and P
+(B, Hq, S/W, S) in the inputs' dtype, O(S²/W).
 """
 
 from __future__ import annotations
@@ -229,12 +229,12 @@ def rsa_attention(
 
     q: (B, S/W, Hq, D) this rank's queries; k, v: (B, S/W, Hkv, D) its keys and values, as
     ``sptutor.layout.shard(x, world=W, layout=layout)[rank]`` makes them. ``backend`` is checked
-    but RSA always computes on torch (DESIGN §4).
+    but RSA always computes on torch (see Design, *Public API*).
     Returns out: (B, S/W, Hq, D) this rank's output (differentiable), and with ``return_lse`` also
     lse: (B, Hq, S/W) (detached, float32; float64 for float64 inputs).
     """
     check_qkv(q, k, v)
-    # a bad backend name is an error, but the full score rows stay in torch (DESIGN §4)
+    # a bad backend name is an error, but the full score rows stay in torch (Design, *Public API*)
     positions, _, scale = backends.prepare(
         "rsa", q, k, group=group, causal=causal, layout=layout, backend=backend, scale=scale,
         return_lse=return_lse,

@@ -1,4 +1,4 @@
-"""Linear-attention chunk math (sptutor.blocks, DESIGN §2) against the ground truth and autograd."""
+"""Linear-attention chunk math (sptutor.blocks) against the ground truth and autograd."""
 
 import itertools
 
@@ -14,8 +14,8 @@ from tests.helpers import state_after
 from tests.strategies import HEAD_DIMS, decays, heads, tensors
 
 # Everything here is float64 and the same sums reordered (errors ~1e-16); linear outputs grow with
-# S, so every comparison is relative (DESIGN §7) with assert_close's 1e-10: far above rounding,
-# far below any real mistake (a wrong decay power or a missing chunk is an O(1e-2) error).
+# S, so every comparison is relative (the design's rule), with assert_close's 1e-10: far above
+# rounding, far below any real mistake (a wrong decay power or a missing chunk is an O(1e-2) error).
 
 
 @st.composite

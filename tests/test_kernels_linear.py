@@ -1,5 +1,5 @@
 """The linear-attention kernels (sptutor.kernels) against sptutor.blocks' chunk math and the
-ground truth (DESIGN §2's state convention).
+ground truth (the design's state convention, Design, *Linear attention*).
 
 Without CUDA they run under the Triton interpreter with 16-token sub-chunks, so a chunk of up to
 40 tokens already carries the state across sub-chunks, with a partial last one.
@@ -73,7 +73,7 @@ def test_forward_and_backward_equal_the_float64_chunk_math(dtype, case):
         got = kernels.linear_attention_forward(q, k, v, **options)
         got += kernels.linear_attention_backward(dout, q, k, v, dstate_out=dstate_out, **options)
     # float64: the same sums reordered (1e-10); float32: exact fp32 products, sums of <= 40 terms
-    # per sub-chunk and state, relative to the (growing) output scale: 1e-5 (DESIGN §7)
+    # per sub-chunk and state, relative to the (growing) output scale: the design's 1e-5
     names = ("out", "state_out", "dq", "dk", "dv", "dstate")
     for name, result, want in zip(names, got, expected_chunk(c)):
         assert_close(result, want, dtype=dtype, what=name)
@@ -95,7 +95,7 @@ def test_chained_chunks_equal_full_linear_attention(case, cut):
             state=state, decay=None if decay is None else decay.to(DEVICE), causal=True,
         )  # fmt: skip
         outs.append(out.cpu())
-    # float64, the same sums reordered: 1e-10 (DESIGN §7)
+    # float64, the same sums reordered: the design's float64 tolerance (1e-10)
     assert_close(torch.cat(outs, dim=1), reference.full_linear_attention(q, k, v, decay=decay))
     assert_close(state.cpu(), state_after(k, v, decay, q.shape[1], head_count))
 
@@ -104,7 +104,7 @@ def test_chained_chunks_equal_full_linear_attention(case, cut):
 def test_float16_chunk_with_a_state_is_no_worse_than_plain_linear_attention(with_decay):
     """A 48-token fp16 chunk after a 32-token prefix (its state in float32, as a previous chunk
     hands it on): out and dq, dk, dv vs float64 truth within 2x (3x for gradients) the error of
-    plain torch linear attention over the whole sequence in fp16 (DESIGN §7)."""
+    plain torch linear attention over the whole sequence in fp16 (the design's 16-bit rule)."""
     prefix, length, heads_q, heads_kv, head_dim = 32, 48, 4, 2, 24
     q_shape = (2, prefix + length, heads_q, head_dim)
     kv_shape = (2, prefix + length, heads_kv, head_dim)

@@ -1,4 +1,4 @@
-"""Layouts (DESIGN §3): who owns which global positions."""
+"""Layouts (Design, *Layouts*): who owns which global positions."""
 
 import re
 
@@ -34,7 +34,7 @@ def test_positions_form_a_permutation(case):
 
 
 def test_the_three_layouts_on_16_tokens_over_4_ranks():
-    """The layouts of DESIGN §3 written out: contiguous, zigzag (chunk r and 2W-1-r), striped."""
+    """The design's layouts written out: contiguous, zigzag (chunk r and 2W-1-r), striped."""
 
     def owned(lay):
         return [layout.positions(16, world=4, rank=r, layout=lay).tolist() for r in range(4)]

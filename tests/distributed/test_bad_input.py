@@ -1,5 +1,5 @@
 """Bad input raises ValueError/TypeError on every rank before any message, with a sentence that
-names the broken precondition and its numbers (DESIGN §8). One launch checks every method."""
+names the broken precondition and its numbers (Design, *Errors*). One launch checks every method."""
 
 import torch
 

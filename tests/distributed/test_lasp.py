@@ -14,7 +14,7 @@ W4_CASES = [
 ]  # fmt: skip
 
 
-# Tolerances (DESIGN §7, in sptutor.testing): float64 1e-10, float32 1e-5 relative to the oracle.
+# Tolerances (the design's, in sptutor.testing): float64 1e-10, float32 1e-5 relative to the oracle.
 # Both sides run the same block maths in the same order; only the collectives' summation order
 # may differ, so errors are a few ulps.
 @settings(max_examples=1, phases=[Phase.explicit, Phase.generate], deadline=None)

@@ -128,7 +128,7 @@ def test_one_step_gradients_equal_the_single_process_step():
         worst = 0.0
         for rank in range(WORLD):
             for name, grad in results[rank][index][1].items():
-                # float64 on both sides, same math reordered: DESIGN §7's 1e-10 relative
+                # float64 on both sides, same math reordered: the design's float64 tolerance
                 error = assert_close(grad, expected[name], what=f"{case} rank {rank} {name}")
                 worst = max(worst, error)
         report.append(f"{case.method:8} sp={case.sp} {case.layout:10} {case.sync:12} {worst:.1e}")
@@ -145,7 +145,7 @@ def test_usp_training_loop_matches_the_single_process_loss_curve():
     print(f"\nusp losses {result.losses}\nbaseline   {result.baseline_losses}")
     assert len(result.losses) == len(result.baseline_losses) == config.steps
     for step, (loss, expected) in enumerate(zip(result.losses, result.baseline_losses)):
-        # float64, identical updates from identical gradients: DESIGN §7's 1e-10 relative, per step
+        # float64, identical updates from identical gradients: the design's 1e-10 relative, per step
         assert abs(loss - expected) <= 1e-10 * abs(expected), f"step {step}: {loss} vs {expected}"
 
 

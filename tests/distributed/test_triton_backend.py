@@ -5,8 +5,8 @@ from sptutor.testing import Case
 from tests.distributed.harness import assert_real_matches_oracle
 
 ALL, PAIR = (0, 1, 2, 3), (2, 3)
-# the kernels compute float64 in float64 and float32 with exact products: DESIGN §7's 1e-10 and
-# 1e-5 relative to the oracle hold (measured ~1e-16 and ~3e-7)
+# the kernels compute float64 in float64 and float32 with exact products: the design's tolerances,
+# 1e-10 and 1e-5 relative to the oracle hold (measured ~1e-16 and ~3e-7)
 CASES = [
     Case("ring", ALL, "zigzag", True, 1, 16, 2, 1, 8, "float64", seed=1, backend="triton"),
     Case("ring", PAIR, "striped", False, 1, 6, 2, 2, 5, "float32", seed=2, backend="triton"),
