@@ -1,24 +1,73 @@
-"""The ``sptutor`` command."""
+"""sptutor teaches sequence parallelism for attention: how long-context training cuts one sequence
+over several processes. Each method (rsa, ring, ulysses, usp, lss, lasp, lasp2) is written twice,
+as a readable single-process oracle and as real torch.distributed code, and both are checked
+against plain full attention. All of it runs on CPU processes; only 'sptutor bench kernels'
+wants a GPU.
+
+Start with 'sptutor tour', then train a tiny GPT with 'sptutor train --method ring'.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from importlib import metadata
+
+import sptutor
+from sptutor import layout, train
+
+EPILOG = """\
+Each command has its own options: 'sptutor train --help'. The chapters that explain the methods
+are in the docs/ folder of the sptutor repository ('mkdocs serve' there builds them), and the
+Python API is in the docstrings: 'python -c "import sptutor; help(sptutor)"'.
+"""
+
+TRAIN_HELP = {
+    "method": "sequence-parallel attention: softmax (rsa, ring, ulysses, usp, lss) or linear "
+    "(lasp, lasp2)",
+    "world": "number of CPU processes W = sp * dp",
+    "sp": "sequence-parallel degree: processes that share one sequence (default: world / dp)",
+    "dp": "data-parallel degree: replicas, each on its own sequences (default: world / sp)",
+    "ulysses": "usp only: Ulysses degree U of its U x R mesh (default: 2 if sp is even, else 1)",
+    "steps": "optimizer steps",
+    "layout": "how a sequence is cut over the sp processes (lasp, lasp2: contiguous only)",
+    "dtype": "dtype of the weights and activations",
+    "batch": "sequences per DP replica and step",
+    "seq_len": "characters per sequence, S",
+    "d_model": "model width; head size d_model / Hq must be even (RoPE rotates pairs)",
+    "heads_q": "query heads Hq",
+    "heads_kv": "key/value heads Hkv, dividing Hq (Hkv < Hq is GQA)",
+    "layers": "transformer blocks",
+    "lr": "AdamW learning rate",
+    "seed": "seed of the weights and of the batches",
+}
+CHOICES = {"method": train.METHODS, "layout": layout.LAYOUTS, "dtype": ("float32", "float64")}
+
+
+def version() -> str:
+    """The installed package's version (``sptutor.__version__`` when run from a bare checkout)."""
+    try:
+        return metadata.version("sptutor")
+    except metadata.PackageNotFoundError:
+        return sptutor.__version__
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``sptutor`` console script."""
-    parser = argparse.ArgumentParser(prog="sptutor", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser(
-        "tour", help="measure and print what each sequence-parallel method rests on"
+    """Entry point of the ``sptutor`` console script and of ``python -m sptutor``."""
+    parser = argparse.ArgumentParser(
+        prog="sptutor",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    bench = commands.add_parser("bench", help="time sptutor's Triton kernels on a GPU")
-    bench.add_argument(
-        "what", choices=["kernels", "lasp"], help="kernels (GPU), or LASP's torch backend (CPU)"
+    parser.add_argument("--version", action="version", version=f"sptutor {version()}")
+    commands = parser.add_subparsers(
+        dest="command", required=True, title="commands", metavar="COMMAND"
     )
-    bench.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    bench.add_argument("--quick", action="store_true", help="fewer, shorter sequences")
-    _add_train_parser(commands)
+    about_tour = "measure and print what each sequence-parallel method rests on"
+    commands.add_parser("tour", help=about_tour, description=_sentence(about_tour))
+    _add_bench_parser(commands)
+    train_parser = _add_train_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "tour":
         from sptutor import tour
@@ -31,31 +80,61 @@ def main(argv: list[str] | None = None) -> int:
             return benchmarks.run_lasp(quick=args.quick)
         return benchmarks.run_kernels(dtype=args.dtype, quick=args.quick)
     if args.command == "train":
-        from sptutor import train
-
-        options = {k: v for k, v in vars(args).items() if k not in ("command", "baseline")}
-        config = train.TrainConfig(**{k: v for k, v in options.items() if v is not None})
-        train.run(config, baseline=args.baseline)
+        return _train(args, train_parser)
     return 0
 
 
-def _add_train_parser(commands) -> None:
-    """``sptutor train``: options of ``sptutor.train.TrainConfig``; unset ones keep its defaults."""
+def _sentence(help_text: str) -> str:
+    """A command's one-line help as the sentence its own ``--help`` opens with."""
+    return help_text[:1].upper() + help_text[1:] + "."
+
+
+def _add_bench_parser(commands) -> None:
+    """``sptutor bench kernels|lasp``."""
+    about = "time sptutor's Triton kernels (GPU) or LASP's torch backend (CPU)"
+    bench = commands.add_parser("bench", help=about, description=_sentence(about))
+    bench.add_argument(
+        "what", choices=["kernels", "lasp"], help="kernels (GPU), or LASP's torch backend (CPU)"
+    )
+    bench.add_argument(
+        "--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+        help="dtype of the kernels' inputs (kernels only) (default: %(default)s)",
+    )  # fmt: skip
+    bench.add_argument("--quick", action="store_true", help="fewer, shorter sequences")
+
+
+def _add_train_parser(commands) -> argparse.ArgumentParser:
+    """``sptutor train``: one option per field of ``sptutor.train.TrainConfig``, its default."""
     command = commands.add_parser(
-        "train", help="train a tiny GPT with a sequence-parallel method on W CPU processes"
-    )
-    methods = ["rsa", "ring", "ulysses", "usp", "lss", "lasp", "lasp2"]
-    command.add_argument("--method", default="ring", choices=methods)
-    command.add_argument("--world", type=int, default=4, help="number of processes W = sp * dp")
-    for name in ("sp", "dp", "ulysses", "steps", "batch", "seq-len", "d-model", "heads-q",
-                 "heads-kv", "layers", "seed"):  # fmt: skip
-        command.add_argument(f"--{name}", type=int)
-    command.add_argument("--layout", choices=["contiguous", "zigzag", "striped"])
-    command.add_argument("--dtype", choices=["float32", "float64"])
-    command.add_argument("--lr", type=float)
+        "train", help="train a tiny GPT with a sequence-parallel method on W CPU processes",
+        description="Train a tiny GPT on a shipped essay, character by character, with one "
+        "sequence-parallel method on W = sp * dp CPU processes; rank 0 prints the loss per step.",
+    )  # fmt: skip
+    for field in dataclasses.fields(train.TrainConfig):
+        known = field.default is not None  # sp, dp, ulysses: derived, said in their help
+        command.add_argument(
+            "--" + field.name.replace("_", "-"), default=field.default,
+            type=type(field.default) if known else int, choices=CHOICES.get(field.name),
+            help=TRAIN_HELP[field.name] + (" (default: %(default)s)" if known else ""),
+        )  # fmt: skip
     command.add_argument(
-        "--baseline", action="store_true", help="first train on one process, full attention"
-    )
+        "--baseline", action="store_true",
+        help="first train the same model on one process, attention unsplit, and compare the losses",
+    )  # fmt: skip
+    return command
+
+
+def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Check the run's preconditions (``TrainConfig.check``) before any process starts, then
+    train; a broken one ends as ``sptutor train: error: <sentence>``, exit code 2."""
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "baseline")}
+    config = train.TrainConfig(**options)
+    try:
+        config.check()
+    except ValueError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")  # parser.error's line, no usage
+    train.run(config, baseline=args.baseline)
+    return 0
 
 
 if __name__ == "__main__":

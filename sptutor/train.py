@@ -19,12 +19,15 @@ import torch
 import torch.distributed as dist
 
 from sptutor import launch, layout
+from sptutor.checks import check_ulysses_heads
+from sptutor.mesh import check_mesh_sizes
 from sptutor.model import LINEAR_METHODS, SOFTMAX_METHODS, GPTConfig, TinyGPT
 from sptutor.parallel import Grid, average_gradients, make_grid
 
 CORPUS = "sequence_parallelism.txt"
 BAR_WIDTH = 20
 METHODS = SOFTMAX_METHODS + LINEAR_METHODS
+SIZES = ("world", "steps", "batch", "seq_len", "d_model", "heads_q", "heads_kv", "layers")
 
 
 @dataclass(frozen=True)
@@ -62,11 +65,44 @@ class TrainConfig:
         return sp, dp
 
     def ulysses_degree(self) -> int:
-        """U for usp (1 for every other method)."""
-        if self.method != "usp":
-            return 1
-        sp = self.grid_sizes()[0]
-        return self.ulysses or (2 if sp % 2 == 0 else 1)
+        """U: ``ulysses`` if set (only usp may set it), else 2 for usp on an even ``sp``, else 1."""
+        if self.ulysses is not None:
+            return self.ulysses
+        return 2 if self.method == "usp" and self.grid_sizes()[0] % 2 == 0 else 1
+
+    def check(self) -> None:
+        """Raise ``ValueError`` with the library's sentence unless this run can start: what each
+        rank would find, in the order it would find it, checked before any process is spawned."""
+        self._check_values()
+        sp, _ = self.grid_sizes()
+        degree = self.ulysses_degree()
+        if self.method == "usp":
+            check_mesh_sizes(degree, sp // degree, sp)  # make_grid's USP mesh
+        self.model_config(vocab=1)  # method, head sizes, lasp's layout, U only for usp
+        corpus_length = load_corpus()[0].numel()
+        if self.seq_len + 1 >= corpus_length:
+            raise ValueError(
+                "each training window needs S + 1 < N characters of the corpus, "
+                f"got S={self.seq_len}, N={corpus_length}"
+            )
+        layout.check_layout(self.seq_len, world=sp, layout=self.layout, ulysses=degree)
+        heads_split_over = {"ulysses": sp, "usp": degree}.get(self.method)  # all-to-all ranks
+        if heads_split_over:
+            check_ulysses_heads(self.heads_q, self.heads_kv, heads_split_over)
+
+    def _check_values(self) -> None:
+        """Every size >= 1 (sp, dp, ulysses when set), lr >= 0, dtype a torch float dtype."""
+        given = [(name, getattr(self, name)) for name in SIZES]
+        given += [(name, getattr(self, name)) for name in ("sp", "dp", "ulysses")
+                  if getattr(self, name) is not None]  # fmt: skip
+        for name, value in given:
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {name}={value}")
+        if not self.lr >= 0:
+            raise ValueError(f"lr must be >= 0, got lr={self.lr}")
+        dtype = getattr(torch, self.dtype, None)
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype must name a torch float dtype, got dtype={self.dtype!r}")
 
     def describe(self) -> str:
         """One line: ``usp: W=4 as SP=4 (U=2 x R=2) x DP=1, layout=zigzag, float32, 20 steps``."""
@@ -212,7 +248,7 @@ def run(config: TrainConfig, *, baseline: bool = False, verbose: bool = True) ->
 
     Prints one progress line per step (rank 0) when ``verbose``; returns both loss curves.
     """
-    config.model_config(vocab=1)  # check the method and sizes before starting any process
+    config.check()  # every precondition, before starting any process
     if verbose:
         print(config.describe(), flush=True)
     reference = train_single(config, verbose) if baseline else None
