@@ -1,6 +1,7 @@
 """Where block attention is computed: plain torch (``sptutor.blocks``) or our Triton kernels.
 
-``backend="auto"`` is ``"triton"`` for CUDA tensors and ``"torch"`` for CPU tensors (DESIGN §4).
+``backend="auto"`` is ``"triton"`` for CUDA tensors and ``"torch"`` for CPU tensors (see Design,
+*Public API*).
 ``"triton"`` also runs on CPU tensors, under the Triton interpreter (slow: for tests and reading;
 ``sptutor.kernels`` turns the interpreter on when there is no GPU). Both backends take and return
 the same shapes and dtypes (partial results in the accumulation dtype), so a method's step loop
@@ -8,6 +9,8 @@ does not care which one runs. RSA always computes on torch: its full score rows 
 """
 
 from __future__ import annotations
+
+import importlib.util
 
 import torch
 
@@ -24,17 +27,27 @@ def _kernels():
     return kernels
 
 
+def triton_installed() -> bool:
+    """Is the optional ``triton`` package there (``pip install "sptutor[kernels]"``)?"""
+    return importlib.util.find_spec("triton") is not None
+
+
 def resolve(backend: str, like: torch.Tensor) -> str:
-    """The concrete backend for tensors like ``like``; ValueError if unknown or unavailable."""
+    """The concrete backend for tensors like ``like``; ValueError if unknown or unavailable.
+
+    ``"auto"`` is ``"triton"`` on CUDA tensors when triton is installed, else ``"torch"``.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if like.is_cuda else "torch"
+        return "triton" if like.is_cuda and triton_installed() else "torch"
     if backend == "triton":
-        try:
-            interpreted = _kernels().INTERPRETED
-        except ImportError as missing:
-            raise ValueError(f"backend='triton' needs the triton package: {missing}") from None
+        if not triton_installed():
+            raise ValueError(
+                "backend='triton' needs the triton package, which sptutor's kernels extra "
+                'installs: pip install "sptutor[kernels]" (or pip install -e ".[kernels]")'
+            )
+        interpreted = _kernels().INTERPRETED
         if not (like.is_cuda or interpreted):
             raise ValueError(
                 "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors "

@@ -1,10 +1,12 @@
-"""Input checks shared by the oracle and the real code (DESIGN §8).
+"""Input checks shared by the oracle and the real code (see Design, *Errors*).
 
 Every check raises before any communication, with a sentence naming the precondition and the
 values that broke it.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -38,7 +40,21 @@ def check_qkv(
     if same_length and q.shape[1] != k.shape[1]:
         raise ValueError(
             f"q and k must have one sequence length, got {q.shape[1]} and {k.shape[1]}"
-        )
+            + ("; if these are (B, H, S, D) tensors, transpose them: sptutor takes (B, S, H, D)"
+               if q.shape[2] == k.shape[2] else "")
+        )  # fmt: skip
+    check_finite(q=q, k=k, v=v)
+
+
+def check_finite(**tensors: torch.Tensor) -> None:
+    """With ``SPTUTOR_CHECK_FINITE=1`` (off by default: it costs a pass over each tensor and a
+    host sync; sptutor's tests turn it on), NaN or inf in an input is a ValueError."""
+    if os.environ.get("SPTUTOR_CHECK_FINITE", "0") != "1":
+        return
+    for name, x in tensors.items():
+        bad = int((~torch.isfinite(x.detach())).sum())  # detached: autograd must save nothing
+        if bad:
+            raise ValueError(f"{name} holds {bad} NaN or inf value(s) of {x.numel()}")
 
 
 def check_positions(pos: torch.Tensor | None, length: int, name: str) -> None:

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, settings
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(1)
+os.environ.setdefault("SPTUTOR_CHECK_FINITE", "1")  # NaN/inf inputs are errors (spawned ranks too)
 
 settings.register_profile(
     "ci",

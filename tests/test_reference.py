@@ -7,6 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from sptutor.checks import check_qkv
 from sptutor.oracle import reference
 from tests.strategies import heads, positions, tensors
 
@@ -85,7 +86,7 @@ def test_lse_dtype_follows_design():
 
 
 def linear_attention_by_recurrence(q, k, v, decay):
-    """o_i = q_i KV_i with KV_i = decay KV_{i-1} + k_i^T v_i (the state of DESIGN §2)."""
+    """o_i = q_i KV_i with KV_i = decay KV_{i-1} + k_i^T v_i (the design's state)."""
     batch, seq_len, heads_q, head_dim = q.shape
     group = heads_q // k.shape[2]
     out = torch.zeros_like(q)
@@ -202,3 +203,23 @@ def test_a_decay_on_another_device_or_of_integers_is_a_type_error():
     for decay, message in cases:
         with pytest.raises(TypeError, match=message):
             reference.full_linear_attention(q, k, v, causal=True, decay=decay)
+
+
+def test_nan_or_inf_inputs_are_errors_when_asked_for(monkeypatch):
+    """SPTUTOR_CHECK_FINITE=1 (on in these tests) turns a NaN or inf input into a ValueError that
+    counts them; unset, the check costs nothing and lets them through."""
+    q, k, v = tensors(0, (1, 4, 2, 3), (1, 4, 2, 3), (1, 4, 2, 3))
+    k[0, 1, 0, 2] = float("nan")
+    monkeypatch.setenv("SPTUTOR_CHECK_FINITE", "1")
+    with pytest.raises(ValueError, match=r"k holds 1 NaN or inf value\(s\) of 24"):
+        reference.full_attention(q, k, v)
+    monkeypatch.setenv("SPTUTOR_CHECK_FINITE", "0")
+    assert torch.isnan(reference.full_attention(q, k, v)[0]).any()
+
+
+def test_heads_and_sequence_swapped_are_named_as_a_likely_cause():
+    """(B, H, S, D) tensors with Hq != Hkv give q and k different "lengths"; the error says that
+    sptutor takes (B, S, H, D)."""
+    q, k, v = tensors(0, (1, 4, 8, 3), (1, 2, 8, 3), (1, 2, 8, 3))  # (B, H, S, D) by mistake
+    with pytest.raises(ValueError, match=r"got 4 and 2; if these are \(B, H, S, D\) tensors"):
+        check_qkv(q, k, v)
