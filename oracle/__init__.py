@@ -4,8 +4,9 @@ Imported as ``sptutor.oracle``. Each method runs its steps in the same order as 
 multi-process code and logs every message it would send; ``reference`` holds the ground truth.
 """
 
+from sptutor.methods import LINEAR_METHODS, METHODS, SOFTMAX_METHODS
 from sptutor.oracle.reference import full_attention, full_linear_attention
-from sptutor.oracle.simulation import LINEAR_METHODS, METHODS, SOFTMAX_METHODS, simulate
+from sptutor.oracle.simulation import simulate
 from sptutor.oracle.world import RankRecord, Simulation
 
 __all__ = [

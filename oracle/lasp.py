@@ -29,14 +29,14 @@ from __future__ import annotations
 
 import torch
 
-from sptutor import blocks
+from sptutor import blocks, work
 from sptutor.oracle.world import RankRecord, World, nbytes
 
 
 def _macs(part, q):
     """Useful multiply-adds of one piece of this rank's chunk, q: (B, C, Hq, D)."""
     batch, chunk, heads_q, head_dim = q.shape
-    return blocks.linear_macs(part, batch, heads_q, chunk, head_dim)
+    return work.linear_macs(part, batch, heads_q, chunk, head_dim)
 
 
 def _local_forward(world, q, k, v, decay, needs_state):

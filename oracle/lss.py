@@ -33,14 +33,14 @@ from __future__ import annotations
 
 import torch
 
-from sptutor import blocks
+from sptutor import blocks, work
 from sptutor.oracle.world import RankRecord, World, nbytes
 
 
 def _macs(q, q_pos, k_pos, causal, backward=False):
     """Useful multiply-adds of this rank's queries against one block."""
     batch, _, heads_q, head_dim = q.shape
-    return blocks.attention_macs(q_pos, k_pos, causal, batch, heads_q, head_dim, backward=backward)
+    return work.attention_macs(q_pos, k_pos, causal, batch, heads_q, head_dim, backward=backward)
 
 
 def _all_gather_kv(world, k, v):

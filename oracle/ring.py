@@ -16,41 +16,38 @@ from __future__ import annotations
 
 import torch
 
-from sptutor import blocks
+from sptutor import blocks, work
 from sptutor.oracle.world import RankRecord, World, nbytes
 
 
 def _forward(world, q, k, v, positions, causal, scale):
     """q: W x (B, S/W, Hq, D); k, v: W x (B, S/W, Hkv, D); positions: W x (S/W,).
 
-    Returns out: W x (B, S/W, Hq, D) in q's dtype and lse: W x (B, Hq, S/W).
+    Returns out: W x (B, S/W, Hq, D) in q's dtype and lse: W x (B, Hq, S/W) in the accumulation
+    dtype.
     """
     W = world.size
     acc = blocks.accumulation_dtype(q[0].dtype)
+    batch, seq_local, heads_q, _ = q[0].shape
     out = [torch.zeros(x.shape, dtype=acc) for x in q]
-    lse = [torch.full((x.shape[0], x.shape[2], x.shape[1]), float("-inf"), dtype=acc) for x in q]
-    kv_from_prev_rank = list(zip(k, v))
+    lse = [torch.full((batch, heads_q, seq_local), float("-inf"), dtype=acc) for _ in q]
+    kv_from_prev_rank = [[k[rank], v[rank]] for rank in range(W)]  # step 0: each rank's own
     for step in range(W):
+        if step < W - 1:  # start passing the block on; it travels while we compute
+            shift = world.ring_shift(kv_from_prev_rank, phase="forward", step=step)
         for rank in range(W):
             src = (rank - step) % W  # whose block this rank holds now
             k_block, v_block = kv_from_prev_rank[rank]
-            macs = _macs(q[rank], positions[rank], positions[src], causal)
-            if macs == 0:
-                continue  # fully masked by positions: nothing to compute (the block still travels)
-            block_out, block_lse = blocks.attention_block(
-                q[rank], k_block, v_block, positions[rank], positions[src], causal, scale
-            )
-            world.compute(rank, macs, "forward", step)
-            # merge partial outputs by their LSE (online softmax)
-            out[rank], lse[rank] = blocks.merge(out[rank], lse[rank], block_out, block_lse)
+            if blocks.any_visible(positions[rank], positions[src], causal):
+                block_out, block_lse = blocks.attention_block(
+                    q[rank], k_block, v_block, positions[rank], positions[src], causal, scale
+                )
+                world.compute(rank, _macs(q[rank], positions[rank], positions[src], causal),
+                              "forward", step)  # fmt: skip
+                # merge partial outputs by their LSE (online softmax)
+                out[rank], lse[rank] = blocks.merge(out[rank], lse[rank], block_out, block_lse)
         if step < W - 1:
-            k_next = world.ring_shift(
-                [kv[0] for kv in kv_from_prev_rank], phase="forward", step=step
-            )
-            v_next = world.ring_shift(
-                [kv[1] for kv in kv_from_prev_rank], phase="forward", step=step
-            )
-            kv_from_prev_rank = list(zip(k_next, v_next))
+            kv_from_prev_rank = shift.wait()
     return [o.to(q[0].dtype) for o in out], lse
 
 
@@ -62,49 +59,38 @@ def _backward(world, dout, q, k, v, out, lse, positions, causal, scale):
     W = world.size
     acc = blocks.accumulation_dtype(q[0].dtype)
     dq = [torch.zeros(x.shape, dtype=acc) for x in q]
-    kv_from_prev_rank = list(zip(k, v))
-    dkv_from_prev_rank = [
-        (torch.zeros(x.shape, dtype=acc), torch.zeros(x.shape, dtype=acc)) for x in k
-    ]
+    kv_from_prev_rank = [[k[rank], v[rank]] for rank in range(W)]
+    dkv_from_prev_rank = [[torch.zeros(x.shape, dtype=acc) for _ in range(2)] for x in k]
     for step in range(W):
+        if step < W - 1:
+            shift = world.ring_shift(kv_from_prev_rank, phase="backward", step=step)
         for rank in range(W):
             src = (rank - step) % W
             k_block, v_block = kv_from_prev_rank[rank]
-            macs = _macs(q[rank], positions[rank], positions[src], causal, backward=True)
-            if macs == 0:
-                continue
-            block_dq, block_dk, block_dv = blocks.attention_block_backward(
-                dout[rank], q[rank], k_block, v_block, out[rank], lse[rank],
-                positions[rank], positions[src], causal, scale,
-            )  # fmt: skip
-            world.compute(rank, macs, "backward", step)
-            dq[rank] += block_dq
-            dk_acc, dv_acc = dkv_from_prev_rank[rank]
-            dkv_from_prev_rank[rank] = (dk_acc + block_dk, dv_acc + block_dv)
+            if blocks.any_visible(positions[rank], positions[src], causal):
+                block_dq, block_dk, block_dv = blocks.attention_block_backward(
+                    dout[rank], q[rank], k_block, v_block, out[rank], lse[rank],
+                    positions[rank], positions[src], causal, scale,
+                )  # fmt: skip
+                world.compute(rank, _macs(q[rank], positions[rank], positions[src], causal,
+                                          backward=True), "backward", step)  # fmt: skip
+                dq[rank] += block_dq
+                dk_acc, dv_acc = dkv_from_prev_rank[rank]
+                dkv_from_prev_rank[rank] = [dk_acc + block_dk, dv_acc + block_dv]
         if step < W - 1:
-            k_next = world.ring_shift(
-                [kv[0] for kv in kv_from_prev_rank], phase="backward", step=step
-            )
-            v_next = world.ring_shift(
-                [kv[1] for kv in kv_from_prev_rank], phase="backward", step=step
-            )
-            kv_from_prev_rank = list(zip(k_next, v_next))
+            kv_from_prev_rank = shift.wait()
         # dK, dV accumulators travel with their block; after the last step this hop brings them home
-        dk_next = world.ring_shift([g[0] for g in dkv_from_prev_rank], phase="backward", step=step)
-        dv_next = world.ring_shift([g[1] for g in dkv_from_prev_rank], phase="backward", step=step)
-        dkv_from_prev_rank = list(zip(dk_next, dv_next))
+        dkv_shift = world.ring_shift(dkv_from_prev_rank, phase="backward", step=step)
+        dkv_from_prev_rank = dkv_shift.wait()
     dtype = q[0].dtype
-    return (
-        [x.to(dtype) for x in dq],
-        [g[0].to(dtype) for g in dkv_from_prev_rank],
-        [g[1].to(dtype) for g in dkv_from_prev_rank],
-    )
+    dk, dv = zip(*dkv_from_prev_rank)
+    return [x.to(dtype) for x in dq], [x.to(dtype) for x in dk], [x.to(dtype) for x in dv]
 
 
 def _macs(q, q_pos, k_pos, causal, backward=False):
     """Useful multiply-adds of this rank's queries against one block."""
     batch, _, heads_q, head_dim = q.shape
-    return blocks.attention_macs(q_pos, k_pos, causal, batch, heads_q, head_dim, backward=backward)
+    return work.attention_macs(q_pos, k_pos, causal, batch, heads_q, head_dim, backward=backward)
 
 
 def emulate(

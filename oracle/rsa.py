@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import torch
 
-from sptutor import blocks
+from sptutor import blocks, work
 from sptutor.oracle.world import RankRecord, World, nbytes
 
 
@@ -60,7 +60,8 @@ def _ring_pass(world, tensors, phase):
         for rank in range(world.size):
             yield step, rank, (rank - step) % world.size, held[rank]
         if step < world.size - 1:
-            held = world.ring_shift(held, phase=phase, step=step)
+            held = [row[0] for row in world.ring_shift([[x] for x in held], phase=phase,
+                                                       step=step).wait()]  # fmt: skip
 
 
 def _columns(src, tokens):
@@ -80,7 +81,7 @@ def _product_macs(rows, q_pos, k_pos, causal):
     rows: (B, S/W, Hq, D), this rank's queries (or dout); half of ``attention_macs``' 2·D.
     """
     batch, _, heads_q, head_dim = rows.shape
-    return blocks.attention_macs(q_pos, k_pos, causal, batch, heads_q, head_dim) // 2
+    return work.attention_macs(q_pos, k_pos, causal, batch, heads_q, head_dim) // 2
 
 
 def _ring_of_keys(world, q, k, positions, causal, scale):

@@ -8,11 +8,9 @@ import torch
 
 from sptutor import layout as layouts
 from sptutor.checks import check_decay, check_linear_layout, check_qkv
+from sptutor.methods import LINEAR_METHODS, METHODS, SOFTMAX_METHODS
 from sptutor.oracle.world import Simulation, World
 
-SOFTMAX_METHODS = ("rsa", "ring", "ulysses", "usp", "lss")
-LINEAR_METHODS = ("lasp", "lasp2")
-METHODS = SOFTMAX_METHODS + LINEAR_METHODS
 # method -> (module of oracle/, function); lasp.py holds both linear methods, like sptutor/lasp.py
 _EMULATORS = {method: (method, "emulate") for method in METHODS} | {
     "lasp2": ("lasp", "emulate_lasp2")

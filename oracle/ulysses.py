@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from sptutor import blocks
+from sptutor import blocks, work
 from sptutor.checks import check_ulysses_heads
 from sptutor.oracle.world import RankRecord, World, nbytes
 
@@ -113,7 +113,7 @@ def _lse_for_checking(lse_heads):
 def _macs(q_heads, sequence, causal, backward=False):
     """Useful multiply-adds of one rank's heads over the whole sequence."""
     batch, _, heads, head_dim = q_heads.shape
-    return blocks.attention_macs(
+    return work.attention_macs(
         sequence, sequence, causal, batch, heads, head_dim, backward=backward
     )
 

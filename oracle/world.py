@@ -21,12 +21,25 @@ def nbytes(x: torch.Tensor) -> int:
     return x.numel() * x.element_size()
 
 
+class Pending:
+    """Tensors on their way round an emulated ring; :meth:`wait` returns what each rank got
+    (the emulated twin of ``sptutor.comm.RingShift``: here they arrived at once)."""
+
+    def __init__(self, received: list[list[torch.Tensor]]) -> None:
+        self.received = received
+
+    def wait(self) -> list[list[torch.Tensor]]:
+        """``received[i]``: the tensors rank i received from the previous rank."""
+        return self.received
+
+
 @dataclass
 class World:
     """A group of emulated ranks sharing one ledger (sub-groups share their parent's)."""
 
     ranks: list[int]
     ledger: Ledger = field(default_factory=Ledger)
+    _mailbox: dict[tuple[int, int], list[torch.Tensor]] = field(default_factory=dict, repr=False)
 
     @property
     def size(self) -> int:
@@ -45,25 +58,34 @@ class World:
         """Log that rank ``index`` did ``macs`` useful multiply-adds."""
         self.ledger.log(CommEvent("compute", self.ranks[index], None, 0, phase, step, macs))
 
-    def ring_shift(
-        self, tensors: list[torch.Tensor], *, phase: str, step: int
-    ) -> list[torch.Tensor]:
-        """Every rank sends its tensor to the next rank and receives the previous rank's.
+    def ring_shift(self, tensors: list[list[torch.Tensor]], *, phase: str, step: int) -> Pending:
+        """Every rank sends its tensors to the next rank and receives the previous rank's.
 
-        ``tensors[i]`` is rank i's; returns ``received`` with ``received[i] = tensors[i-1]``.
+        ``tensors[i]`` is the list rank i sends (as ``sptutor.comm.ring_shift`` takes one rank's);
+        ``.wait()`` on the result returns ``received`` with ``received[i]`` rank i-1's tensors.
         """
         if self.size == 1:
-            return tensors
-        for i, x in enumerate(tensors):
-            self._log("send", i, self.ranks[(i + 1) % self.size], nbytes(x), phase, step)
-        return [tensors[(i - 1) % self.size].clone() for i in range(self.size)]
+            return Pending(tensors)
+        for i, row in enumerate(tensors):
+            for x in row:
+                self._log("send", i, self.ranks[(i + 1) % self.size], nbytes(x), phase, step)
+        return Pending(
+            [[x.clone() for x in tensors[(i - 1) % self.size]] for i in range(self.size)]
+        )
 
-    def send(
-        self, x: torch.Tensor, src: int, dst: int, *, phase: str, step: int = 0
-    ) -> torch.Tensor:
-        """Point-to-point: rank ``src`` sends ``x`` to rank ``dst``; returns what ``dst`` gets."""
+    def send(self, x: torch.Tensor, src: int, dst: int, *, phase: str, step: int = 0) -> None:
+        """Point-to-point: rank ``src`` sends ``x`` to rank ``dst`` (it waits in ``dst``'s
+        mailbox until :meth:`recv`), as ``sptutor.comm.send`` does from rank ``src``."""
         self._log("send", src, self.ranks[dst], nbytes(x), phase, step)
-        return x.clone()
+        self._mailbox.setdefault((src, dst), []).append(x.clone())
+
+    def recv(self, src: int, dst: int) -> torch.Tensor:
+        """What rank ``dst`` receives from rank ``src``: the oldest message in the mailbox
+        (``sptutor.comm.recv`` on rank ``dst``; receives are not logged)."""
+        waiting = self._mailbox.get((src, dst))
+        if not waiting:
+            raise RuntimeError(f"rank {dst} receives from rank {src}, which sent nothing yet")
+        return waiting.pop(0)
 
     def all_to_all(
         self, chunks: list[list[torch.Tensor]], *, phase: str, step: int = 0

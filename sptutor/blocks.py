@@ -45,23 +45,6 @@ def any_visible(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool) -> bool:
     return not causal or bool(q_pos.max() >= k_pos.min())
 
 
-def attention_macs(
-    q_pos: torch.Tensor,
-    k_pos: torch.Tensor,
-    causal: bool,
-    batch: int,
-    heads_q: int,
-    head_dim: int,
-    *,
-    backward: bool = False,
-) -> int:
-    """Useful multiply-adds of one block: per visible (query, key) pair and head, 2·D forward
-    (the score q·k, then p·v) and 5·D backward (the score again, dV, dP, dQ and dK).
-    """
-    pairs = int(visible_pairs(q_pos, k_pos, causal).sum())
-    return (5 if backward else 2) * batch * heads_q * head_dim * pairs
-
-
 def group_query_heads(x: torch.Tensor, heads_kv: int) -> torch.Tensor:
     """(B, S, Hq, D) -> (B, S, Hkv, G, D): the G = Hq/Hkv query heads that share a K/V head."""
     batch, seq, heads_q, head_dim = x.shape
@@ -199,15 +182,6 @@ def attention_block_backward(
 # sub-chunk length T of the blocked intra functions: T² per sub-chunk stays small (O(C·T·D) work
 # in all) while C/T Python steps stay few; T ~ D balances the T²·D and T·D² products
 LINEAR_BLOCK = 128
-
-# multiply-adds per token and per D² of each product of a chunk with a state (see linear_macs)
-_STATE_PRODUCTS = {
-    "readout": 1,  # q_i KV
-    "local_state": 1,  # k_i^T v_i
-    "readout_backward": 1,  # dO_i KV^T
-    "local_dstate": 1,  # q_i^T dO_i
-    "local_state_backward": 2,  # v_i dKV^T and k_i dKV
-}
 
 
 def _to_query_heads(x: torch.Tensor, heads_q: int) -> torch.Tensor:
@@ -505,22 +479,3 @@ def linear_chunk_intra_backward_blocked(
         dk.insert(0, dk_part)  # (B, T, Hkv, D)
         dv.insert(0, dv_part)
     return dq, torch.cat(dk, dim=1), torch.cat(dv, dim=1)
-
-
-def linear_macs(part: str, batch: int, heads_q: int, length: int, head_dim: int) -> int:
-    """Useful multiply-adds of one piece of a chunk of C = ``length`` tokens, over B and Hq.
-
-    ``"intra"``: 2·D per visible pair (q·k, then ·v), C(C+1)/2 pairs; ``"intra_backward"``: 5·D
-    per pair (the weights again, dV, dA, dQ, dK), as :func:`attention_macs` counts softmax.
-    A product of the chunk with a state costs C·D²: ``"readout"``, ``"local_state"``,
-    ``"readout_backward"``, ``"local_dstate"`` one each, ``"local_state_backward"`` two (dk, dv).
-    The D×D additions of :func:`linear_carry` are elementwise and not counted.
-    """
-    if part in ("intra", "intra_backward"):
-        per_pair = 2 if part == "intra" else 5
-        return per_pair * batch * heads_q * head_dim * length * (length + 1) // 2
-    if part not in _STATE_PRODUCTS:
-        raise ValueError(
-            f"part must be intra, intra_backward or one of {tuple(_STATE_PRODUCTS)}, got {part!r}"
-        )
-    return _STATE_PRODUCTS[part] * batch * heads_q * length * head_dim**2

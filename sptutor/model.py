@@ -27,9 +27,8 @@ from torch import nn
 
 from sptutor import blocks, lasp, layout, lss, ring, rsa, ulysses, usp
 from sptutor.mesh import UspMesh
+from sptutor.methods import LINEAR_METHODS, SOFTMAX_METHODS
 
-SOFTMAX_METHODS = ("rsa", "ring", "ulysses", "usp", "lss")
-LINEAR_METHODS = ("lasp", "lasp2")
 ATTENTIONS = ("full", "linear", *SOFTMAX_METHODS, *LINEAR_METHODS)
 _SP_ATTENTION = {
     "rsa": rsa.rsa_attention, "ring": ring.ring_attention, "ulysses": ulysses.ulysses_attention,

@@ -28,11 +28,11 @@ def _forward(q, k, v, positions, causal, scale, group, backend):
     batch, seq_local, heads_q, _ = q.shape
     out = torch.zeros(q.shape, dtype=acc, device=q.device)
     lse = torch.full((batch, heads_q, seq_local), float("-inf"), dtype=acc, device=q.device)
-    kv_from_prev_rank = [k, v]
+    kv_from_prev_rank = [k, v]  # step 0: this rank's own
     for step in range(W):
-        src = (rank - step) % W  # whose block this rank holds now
         if step < W - 1:  # start passing the block on; it travels while we compute
             shift = comm.ring_shift(kv_from_prev_rank, group, phase="forward", step=step)
+        src = (rank - step) % W  # whose block this rank holds now
         k_block, v_block = kv_from_prev_rank
         if blocks.any_visible(positions[rank], positions[src], causal):
             block_out, block_lse = backends.attention_forward(
@@ -56,9 +56,9 @@ def _backward(dout, q, k, v, out, lse, positions, causal, scale, group, backend)
     kv_from_prev_rank = [k, v]
     dkv_from_prev_rank = [torch.zeros(k.shape, dtype=acc, device=k.device) for _ in range(2)]
     for step in range(W):
-        src = (rank - step) % W
         if step < W - 1:
             shift = comm.ring_shift(kv_from_prev_rank, group, phase="backward", step=step)
+        src = (rank - step) % W
         k_block, v_block = kv_from_prev_rank
         if blocks.any_visible(positions[rank], positions[src], causal):
             block_dq, block_dk, block_dv = backends.attention_backward(

@@ -21,12 +21,12 @@ import torch.distributed as dist
 from sptutor import launch, layout
 from sptutor.checks import check_ulysses_heads
 from sptutor.mesh import check_mesh_sizes
-from sptutor.model import LINEAR_METHODS, SOFTMAX_METHODS, GPTConfig, TinyGPT
+from sptutor.methods import METHODS
+from sptutor.model import GPTConfig, TinyGPT
 from sptutor.parallel import Grid, average_gradients, make_grid
 
 CORPUS = "sequence_parallelism.txt"
 BAR_WIDTH = 20
-METHODS = SOFTMAX_METHODS + LINEAR_METHODS
 SIZES = ("world", "steps", "batch", "seq_len", "d_model", "heads_q", "heads_kv", "layers")
 
 

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sptutor import blocks
+from sptutor import blocks, work
 from sptutor.oracle import reference
 from sptutor.testing import assert_close, relative_error
 from tests.helpers import state_after
@@ -127,13 +127,13 @@ def test_decay_of_one_is_no_decay_and_16_bit_inputs_accumulate_in_float32():
 def test_macs_count_the_matrix_products():
     """Intra counts 2·D per visible pair (as softmax blocks do); a state product counts C·D²."""
     pos = torch.arange(6)
-    softmax = blocks.attention_macs(pos, pos, True, 2, 3, 4)
-    assert blocks.linear_macs("intra", 2, 3, 6, 4) == softmax
-    assert blocks.linear_macs("intra_backward", 2, 3, 6, 4) == softmax * 5 // 2
-    assert blocks.linear_macs("readout", 2, 3, 6, 4) == 2 * 3 * 6 * 16
-    assert blocks.linear_macs("local_state_backward", 2, 3, 6, 4) == 2 * 2 * 3 * 6 * 16
+    softmax = work.attention_macs(pos, pos, True, 2, 3, 4)
+    assert work.linear_macs("intra", 2, 3, 6, 4) == softmax
+    assert work.linear_macs("intra_backward", 2, 3, 6, 4) == softmax * 5 // 2
+    assert work.linear_macs("readout", 2, 3, 6, 4) == 2 * 3 * 6 * 16
+    assert work.linear_macs("local_state_backward", 2, 3, 6, 4) == 2 * 2 * 3 * 6 * 16
     with pytest.raises(ValueError, match="part must be"):
-        blocks.linear_macs("inter", 1, 1, 1, 1)
+        work.linear_macs("inter", 1, 1, 1, 1)
 
 
 @st.composite
