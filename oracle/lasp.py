@@ -64,12 +64,15 @@ def _forward(world, q, k, v, decay):
     W, chunk = world.size, q[0].shape[1]
     # the last rank's state would go nowhere: it builds none
     out, local_states = _local_forward(world, q, k, v, decay, [r < W - 1 for r in range(W)])
-    state_in, kv_from_prev_rank = [None] * W, None
-    for rank in range(W):  # step = rank: the chain visits the chunks in sequence order
+    state_in = [None] * W
+    for rank in range(W):  # the chain visits the chunks in sequence order
+        kv_from_prev_rank = None
+        if rank > 0:  # step rank-1: rank t waits for rank t-1
+            kv_from_prev_rank = world.recv(rank - 1, rank)
         state_in[rank] = kv_from_prev_rank  # state caching: kept for backward, never resent
         if rank < W - 1:  # pass KV_out on first: the next rank waits for it, not for our output
             kv_out = blocks.linear_carry(kv_from_prev_rank, local_states[rank], decay, chunk)
-            kv_from_prev_rank = world.send(kv_out, rank, rank + 1, phase="forward", step=rank)
+            world.send(kv_out, rank, rank + 1, phase="forward", step=rank)
         if state_in[rank] is not None:
             out[rank] = out[rank] + blocks.linear_readout(q[rank], state_in[rank], decay)
             world.compute(rank, _macs("readout", q[rank]), "forward", step=rank)
@@ -121,14 +124,14 @@ def _backward(world, dout, q, k, v, state_in, decay):
     dq, dk, dv, local_dstates = _local_backward(
         world, dout, q, k, v, state_in, decay, [r > 0 for r in range(W)]
     )
-    dkv_from_next_rank = None
-    for rank in reversed(range(W)):  # step W-1-rank: rank t waits for rank t+1
+    for rank in reversed(range(W)):  # the chain in reverse
+        dkv_from_next_rank = None
+        if rank < W - 1:  # step W-2-rank: rank t waits for rank t+1
+            dkv_from_next_rank = world.recv(rank + 1, rank)
         dkv_out = dkv_from_next_rank  # the gradient of the KV this rank sent forward
         if rank > 0:  # pass dKV_p0 back first: the previous rank waits for it
             dkv_in = blocks.linear_carry(dkv_out, local_dstates[rank], decay, chunk)
-            dkv_from_next_rank = world.send(
-                dkv_in, rank, rank - 1, phase="backward", step=W - 1 - rank
-            )
+            world.send(dkv_in, rank, rank - 1, phase="backward", step=W - 1 - rank)
         _add_state_gradients(world, rank, dk, dv, dkv_out, k, v, decay, W - 1 - rank)
     return dq, dk, dv
 
