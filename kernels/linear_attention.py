@@ -1,12 +1,11 @@
-"""Chunked linear attention in Triton: the chunk of ``sptutor.blocks`` with its state, fused.
+"""Chunked linear attention in Triton: the chunk of ``sptutor.chunks`` with its state, fused.
 
-The contract of :func:`sptutor.blocks.linear_chunk_forward` and
-:func:`sptutor.blocks.linear_chunk_backward` (see Design, *Linear attention*): unnormalised, causal
-with a per-head decay, an incoming state ``KV_p0: (B, Hq, D, D)`` (one per query head) and the
-outgoing ``KV_out``; K/V heads are indexed, never repeated (GQA/MQA). Every result is one of two
-scans (``_linear_scans.py``): the forward scan carries the state first to last, the backward scan
-carries its gradient last to first, and the gradients are the same two scans with the roles of
-q, k, v, dO swapped:
+The contract of :func:`sptutor.chunks.forward` and :func:`sptutor.chunks.backward` (see Design,
+*Linear attention*): unnormalised, causal with a per-head decay, an incoming state
+``KV_p0: (B, Hq, D, D)`` (one per query head) and the outgoing ``KV_out``; K/V heads are indexed,
+never repeated (GQA/MQA). Every result is one of two scans (``_linear_scans.py``): the forward
+scan carries the state first to last, the backward scan carries its gradient last to first, and
+the gradients are the same two scans with the roles of q, k, v, dO swapped:
 
 - ``dQ``: forward scan of (dO, V, K) from ``KV_p0^T`` (``dq_i = sum_j decay^(i-j)(dO_i·v_j) k_j
   + decay^(i+1) dO_i KV_p0^T``);
@@ -120,7 +119,7 @@ def linear_attention_backward(
     """Gradients of :func:`linear_attention_forward`, written out (no autograd).
 
     The keywords of the forward, plus ``dstate_out``; the same results, in the same order, as
-    ``sptutor.blocks.linear_chunk_backward(dout, dstate_out, q, k, v, state, decay)``.
+    ``sptutor.chunks.backward(dout, dstate_out, q, k, v, state, decay)``.
 
     Args:
         dout: (B, C, Hq, D) gradient of ``out``.

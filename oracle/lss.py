@@ -37,42 +37,30 @@ from sptutor import blocks, work
 from sptutor.oracle.world import RankRecord, World, nbytes
 
 
-def _macs(q, q_pos, k_pos, causal, backward=False):
-    """Useful multiply-adds of this rank's queries against one block."""
-    batch, _, heads_q, head_dim = q.shape
-    return work.attention_macs(q_pos, k_pos, causal, batch, heads_q, head_dim, backward=backward)
-
-
-def _all_gather_kv(world, k, v):
-    """One fused all-gather: k, v: W x (B, S/W, Hkv, D) -> kv_gathered: W x (W, 2, B, S/W, Hkv, D).
-
-    ``kv_gathered[rank][src]`` is rank src's ``[K‖V]`` as rank ``rank`` received it.
-    """
-    # K and V stacked into one tensor per rank, so that one collective moves both
-    fused = [torch.stack(kv_shards) for kv_shards in zip(k, v)]  # W x (2, B, S/W, Hkv, D)
-    # kept as gathered: the buffer the collective filled is the one saved for backward
-    return world.all_gather(fused, phase="forward")  # W x (W, 2, B, S/W, Hkv, D)
-
-
 def _forward(world, q, k, v, positions, causal, scale):
     """q: W x (B, S/W, Hq, D); k, v: W x (B, S/W, Hkv, D); positions: W x (S/W,).
 
     Returns out: W x (B, S/W, Hq, D) in q's dtype, lse: W x (B, Hq, S/W) in the accumulation
     dtype, and kv_gathered: W x (W, 2, B, S/W, Hkv, D) (kept for backward).
     """
+    W = world.size
     acc = blocks.accumulation_dtype(q[0].dtype)
-    kv_gathered = _all_gather_kv(world, k, v)
+    batch, seq_local, heads_q, _ = q[0].shape
+    # K and V stacked into one tensor, so that one collective moves both
+    fused = [torch.stack((k[rank], v[rank])) for rank in range(W)]  # W x (2, B, S/W, Hkv, D)
+    # kept as gathered: the buffer the collective filled is the one saved for backward
+    kv_gathered = world.all_gather(fused, phase="forward")  # W x (W, 2, B, S/W, Hkv, D)
     out = [torch.zeros(x.shape, dtype=acc) for x in q]
-    lse = [torch.full((x.shape[0], x.shape[2], x.shape[1]), float("-inf"), dtype=acc) for x in q]
-    for rank in range(world.size):
+    lse = [torch.full((batch, heads_q, seq_local), float("-inf"), dtype=acc) for _ in q]
+    for rank in range(W):
+        # kv_gathered[rank][src] is rank src's [K‖V] as this rank received it
         for src, (k_block, v_block) in enumerate(kv_gathered[rank]):
-            macs = _macs(q[rank], positions[rank], positions[src], causal)
-            if macs == 0:
+            if not blocks.any_visible(positions[rank], positions[src], causal):
                 continue  # fully masked by positions: nothing to compute
             block_out, block_lse = blocks.attention_block(
                 q[rank], k_block, v_block, positions[rank], positions[src], causal, scale
             )
-            world.compute(rank, macs, "forward")
+            world.compute(rank, _macs(q[rank], positions[rank], positions[src], causal), "forward")
             # merge partial outputs by their LSE (online softmax)
             out[rank], lse[rank] = blocks.merge(out[rank], lse[rank], block_out, block_lse)
     return [o.to(q[0].dtype) for o in out], lse, kv_gathered
@@ -83,26 +71,33 @@ def _backward(world, dout, q, kv_gathered, out, lse, positions, causal, scale):
 
     Returns dq: W x (B, S/W, Hq, D) and dk, dv: W x (B, S/W, Hkv, D), in q's dtype.
     """
+    W = world.size
     acc = blocks.accumulation_dtype(q[0].dtype)
     dq = [torch.zeros(x.shape, dtype=acc) for x in q]
     # dkv_shares[rank][src]: rank's share of src's [dK‖dV], (2, B, S/W, Hkv, D); 0 if masked
     dkv_shares = [[torch.zeros(kv.shape, dtype=acc) for kv in held] for held in kv_gathered]
-    for rank in range(world.size):
+    for rank in range(W):
         for src, (k_block, v_block) in enumerate(kv_gathered[rank]):
-            macs = _macs(q[rank], positions[rank], positions[src], causal, backward=True)
-            if macs == 0:
+            if not blocks.any_visible(positions[rank], positions[src], causal):
                 continue
             block_dq, block_dk, block_dv = blocks.attention_block_backward(
                 dout[rank], q[rank], k_block, v_block, out[rank], lse[rank],
                 positions[rank], positions[src], causal, scale,
             )  # fmt: skip
-            world.compute(rank, macs, "backward")
+            world.compute(rank, _macs(q[rank], positions[rank], positions[src], causal,
+                                      backward=True), "backward")  # fmt: skip
             dq[rank] += block_dq
             dkv_shares[rank][src] = torch.stack((block_dk, block_dv))
     # one fused reduce-scatter: the owner of each block receives the sum of every rank's share
     dkv = world.reduce_scatter(dkv_shares, phase="backward")  # W x (2, B, S/W, Hkv, D)
     dtype = q[0].dtype
     return [x.to(dtype) for x in dq], [x[0].to(dtype) for x in dkv], [x[1].to(dtype) for x in dkv]
+
+
+def _macs(q, q_pos, k_pos, causal, backward=False):
+    """Useful multiply-adds of this rank's queries against one block."""
+    batch, _, heads_q, head_dim = q.shape
+    return work.attention_macs(q_pos, k_pos, causal, batch, heads_q, head_dim, backward=backward)
 
 
 def emulate(

@@ -45,99 +45,8 @@ from __future__ import annotations
 
 import torch
 
-from sptutor import blocks, work
+from sptutor import blocks, rows, work
 from sptutor.oracle.world import RankRecord, World, nbytes
-
-
-def _ring_pass(world, tensors, phase):
-    """Send ``tensors`` round the ring (W-1 hops), yielding what each rank holds at each step.
-
-    Yields (step, rank, src, block): at ``step`` rank ``rank`` holds ``block``, rank src's tensor.
-    The hop after step s is logged with step s, once every rank has used its block.
-    """
-    held = list(tensors)
-    for step in range(world.size):
-        for rank in range(world.size):
-            yield step, rank, (rank - step) % world.size, held[rank]
-        if step < world.size - 1:
-            held = [row[0] for row in world.ring_shift([[x] for x in held], phase=phase,
-                                                       step=step).wait()]  # fmt: skip
-
-
-def _columns(src, tokens):
-    """The score columns (or full-length rows) of rank src's keys: block(src)."""
-    return slice(src * tokens, (src + 1) * tokens)
-
-
-def _rows_by_kv_head(rows, heads_kv):
-    """(B, Hq, S_q, S_k) -> (B, Hkv, G, S_q, S_k): score rows grouped by the K/V head they use."""
-    batch, heads_q, seq_q, seq_k = rows.shape
-    return rows.reshape(batch, heads_kv, heads_q // heads_kv, seq_q, seq_k)
-
-
-def _product_macs(rows, q_pos, k_pos, causal):
-    """Useful multiply-adds of one product over the visible pairs: D per pair and query head.
-
-    rows: (B, S/W, Hq, D), this rank's queries (or dout); half of ``attention_macs``' 2·D.
-    """
-    batch, _, heads_q, head_dim = rows.shape
-    return work.attention_macs(q_pos, k_pos, causal, batch, heads_q, head_dim) // 2
-
-
-def _ring_of_keys(world, q, k, positions, causal, scale):
-    """Stage 1: K travels the ring; each rank fills its score rows block by block.
-
-    q: W x (B, S/W, Hq, D); k: W x (B, S/W, Hkv, D). Returns scores: W x (B, Hq, S/W, S) in the
-    accumulation dtype, scaled, -inf where masked (fully masked blocks are never computed).
-    """
-    batch, tokens, heads_q, _ = q[0].shape
-    acc = blocks.accumulation_dtype(q[0].dtype)
-    scores = [
-        torch.full((batch, heads_q, tokens, world.size * tokens), float("-inf"), dtype=acc)
-        for _ in q
-    ]
-    for step, rank, src, k_block in _ring_pass(world, k, "forward"):
-        macs = _product_macs(q[rank], positions[rank], positions[src], causal)
-        if macs == 0:
-            continue  # fully masked by positions: the columns stay -inf (the block still travels)
-        # (B, S/W, Hq, D) -> (B, S/W, Hkv, G, D)
-        q_grouped = blocks.group_query_heads(q[rank], k_block.shape[2]).to(acc)
-        block = torch.einsum("bqhgd,bkhd->bhgqk", q_grouped, k_block.to(acc)) * scale
-        visible = blocks.visible_pairs(positions[rank], positions[src], causal)
-        block = block.reshape(batch, heads_q, tokens, tokens)  # (B, Hq, S/W, S/W)
-        scores[rank][..., _columns(src, tokens)] = block.masked_fill(~visible, float("-inf"))
-        world.compute(rank, macs, "forward", step)
-    return scores
-
-
-def _softmax(scores, dtype):
-    """Softmax over full rows: scores (B, Hq, S/W, S) -> lse (B, Hq, S/W) and P in ``dtype``.
-
-    A row that sees no key has lse -inf and P 0.
-    """
-    lse = torch.logsumexp(scores, dim=-1)  # (B, Hq, S/W)
-    finite_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-    return lse, torch.exp(scores - finite_lse[..., None]).to(dtype)
-
-
-def _ring_of_values(world, probs, v, positions, causal):
-    """Stage 2: V travels the ring; ``out += P[:, :, block(src)]·v_src`` (paper eq. 4).
-
-    probs: W x (B, Hq, S/W, S) as stored; v: W x (B, S/W, Hkv, D).
-    Returns out: W x (B, S/W, Hq, D) in the accumulation dtype.
-    """
-    batch, heads_q, tokens, _ = probs[0].shape
-    acc = blocks.accumulation_dtype(v[0].dtype)
-    out = [torch.zeros(batch, tokens, heads_q, v[0].shape[3], dtype=acc) for _ in probs]
-    for step, rank, src, v_block in _ring_pass(world, v, "forward"):
-        macs = _product_macs(out[rank], positions[rank], positions[src], causal)
-        if macs == 0:
-            continue
-        p_block = _rows_by_kv_head(probs[rank][..., _columns(src, tokens)], v_block.shape[2])
-        block_out = torch.einsum("bhgqk,bkhd->bqhgd", p_block.to(acc), v_block.to(acc))
-        out[rank] += block_out.reshape(out[rank].shape)  # (B, S/W, Hq, D)
-        world.compute(rank, macs, "forward", step)
-    return out
 
 
 def _forward(world, q, k, v, positions, causal, scale):
@@ -146,95 +55,119 @@ def _forward(world, q, k, v, positions, causal, scale):
     Returns out: W x (B, S/W, Hq, D) in q's dtype, lse: W x (B, Hq, S/W) in the accumulation
     dtype, and probs: W x (B, Hq, S/W, S) in q's dtype (kept for backward).
     """
-    scores = _ring_of_keys(world, q, k, positions, causal, scale)
-    lse, probs = zip(*(_softmax(rows, q[0].dtype) for rows in scores))
-    out = _ring_of_values(world, probs, v, positions, causal)
+    W = world.size
+    acc = blocks.accumulation_dtype(q[0].dtype)
+    batch, seq_local, heads_q, _ = q[0].shape
+    rows_shape = (batch, heads_q, seq_local, W * seq_local)  # (B, Hq, S/W, S): full score rows
+    # -inf until a block fills them (fully masked blocks are never computed)
+    scores = [torch.full(rows_shape, float("-inf"), dtype=acc) for _ in q]
+    k_from_prev_rank = [[k[rank]] for rank in range(W)]  # step 0: each rank's own
+    for step in range(W):  # ring of keys (RingQK): S[:, :, block(src)] = scale·q·k_src^T
+        if step < W - 1:  # start passing the block on; it travels while we compute
+            shift = world.ring_shift(k_from_prev_rank, phase="forward", step=step)
+        for rank in range(W):
+            src = (rank - step) % W  # whose block this rank holds now
+            (k_block,) = k_from_prev_rank[rank]
+            if blocks.any_visible(positions[rank], positions[src], causal):
+                columns = rows.columns(src, seq_local)  # block(src): rank src's key columns
+                scores[rank][..., columns] = rows.scores_block(
+                    q[rank], k_block, positions[rank], positions[src], causal, scale
+                )
+                world.compute(rank, _macs(q[rank], positions[rank], positions[src], causal),
+                              "forward", step)  # fmt: skip
+        if step < W - 1:
+            k_from_prev_rank = shift.wait()
+    # softmax over the whole row (no online softmax); P is kept in the inputs' dtype
+    lse, probs = zip(*(rows.softmax(scores[rank], q[0].dtype) for rank in range(W)))
+    out = [torch.zeros(x.shape, dtype=acc) for x in q]
+    v_from_prev_rank = [[v[rank]] for rank in range(W)]
+    for step in range(W):  # ring of values (RingAV): out += P[:, :, block(src)]·v_src
+        if step < W - 1:
+            shift = world.ring_shift(v_from_prev_rank, phase="forward", step=step)
+        for rank in range(W):
+            src = (rank - step) % W
+            (v_block,) = v_from_prev_rank[rank]
+            if blocks.any_visible(positions[rank], positions[src], causal):
+                columns = rows.columns(src, seq_local)
+                out[rank] += rows.weighted_block(probs[rank][..., columns], v_block)
+                world.compute(rank, _macs(q[rank], positions[rank], positions[src], causal),
+                              "forward", step)  # fmt: skip
+        if step < W - 1:
+            v_from_prev_rank = shift.wait()
     return [o.to(q[0].dtype) for o in out], list(lse), list(probs)
-
-
-def _all_reduced_key_gradient(world, weights, rows, heads_kv, positions, causal, factor):
-    """``factor·weights^T·rows`` for every key, summed over ranks; each keeps its own rows.
-
-    weights: W x (B, Hq, S/W, S) (P for dV, dS for dK); rows: W x (B, S/W, Hq, D) (dout for dV,
-    q for dK). Each rank's product (B, S, Hkv, D), summed over the query heads of a K/V head, is
-    its local queries' share of every key's gradient; the all-reduce adds the shares.
-    Returns W x (B, S/W, Hkv, D) in the accumulation dtype.
-    """
-    tokens = rows[0].shape[1]
-    acc = blocks.accumulation_dtype(rows[0].dtype)
-    column_positions = torch.cat(positions)  # (S,) global position of each score column
-    shares = []
-    for rank in range(world.size):
-        # (B, S/W, Hq, D) -> (B, S/W, Hkv, G, D)
-        rows_grouped = blocks.group_query_heads(rows[rank], heads_kv).to(acc)
-        weights_grouped = _rows_by_kv_head(weights[rank], heads_kv).to(acc)  # (B, Hkv, G, S/W, S)
-        share = torch.einsum("bhgqk,bqhgd->bkhd", weights_grouped, rows_grouped)  # (B, S, Hkv, D)
-        shares.append(factor * share)
-        macs = _product_macs(rows[rank], positions[rank], column_positions, causal)
-        world.compute(rank, macs, "backward")
-    summed = world.all_reduce(shares, phase="backward")
-    return [full[:, _columns(rank, tokens)] for rank, full in enumerate(summed)]
-
-
-def _ring_of_values_backward(world, dout, v, positions, causal):
-    """V travels the ring again: ``dP[:, :, block(src)] = dO·v_src^T``.
-
-    dout: W x (B, S/W, Hq, D); v: W x (B, S/W, Hkv, D). Returns dprobs: W x (B, Hq, S/W, S) in
-    the accumulation dtype; fully masked blocks stay 0 (their P is 0, so dS is 0 there anyway).
-    """
-    batch, tokens, heads_q, _ = dout[0].shape
-    acc = blocks.accumulation_dtype(dout[0].dtype)
-    dprobs = [torch.zeros(batch, heads_q, tokens, world.size * tokens, dtype=acc) for _ in dout]
-    for step, rank, src, v_block in _ring_pass(world, v, "backward"):
-        macs = _product_macs(dout[rank], positions[rank], positions[src], causal)
-        if macs == 0:
-            continue
-        # (B, S/W, Hq, D) -> (B, S/W, Hkv, G, D)
-        dout_grouped = blocks.group_query_heads(dout[rank], v_block.shape[2]).to(acc)
-        block = torch.einsum("bqhgd,bkhd->bhgqk", dout_grouped, v_block.to(acc))
-        dprobs[rank][..., _columns(src, tokens)] = block.reshape(batch, heads_q, tokens, tokens)
-        world.compute(rank, macs, "backward", step)
-    return dprobs
-
-
-def _softmax_backward(probs, dprobs):
-    """``dS = P ⊙ (dP - rowsum(P ⊙ dP))``, the softmax Jacobian on full rows (B, Hq, S/W, S)."""
-    probs = probs.to(dprobs.dtype)
-    return probs * (dprobs - (probs * dprobs).sum(dim=-1, keepdim=True))
-
-
-def _ring_of_keys_backward(world, dscores, k, positions, causal, scale):
-    """K travels the ring again: ``dQ += scale·dS[:, :, block(src)]·k_src``.
-
-    dscores: W x (B, Hq, S/W, S); k: W x (B, S/W, Hkv, D). Returns dq: W x (B, S/W, Hq, D) in
-    the accumulation dtype.
-    """
-    batch, heads_q, tokens, _ = dscores[0].shape
-    acc = dscores[0].dtype
-    dq = [torch.zeros(batch, tokens, heads_q, k[0].shape[3], dtype=acc) for _ in dscores]
-    for step, rank, src, k_block in _ring_pass(world, k, "backward"):
-        macs = _product_macs(dq[rank], positions[rank], positions[src], causal)
-        if macs == 0:
-            continue
-        ds_block = _rows_by_kv_head(dscores[rank][..., _columns(src, tokens)], k_block.shape[2])
-        block_dq = torch.einsum("bhgqk,bkhd->bqhgd", ds_block, k_block.to(acc)) * scale
-        dq[rank] += block_dq.reshape(dq[rank].shape)  # (B, S/W, Hq, D)
-        world.compute(rank, macs, "backward", step)
-    return dq
 
 
 def _backward(world, dout, q, k, v, probs, positions, causal, scale):
     """dout: W x (B, S/W, Hq, D); probs: W x (B, Hq, S/W, S) stored by the forward; q, k, v as in
     ``_forward``. Returns dq: W x (B, S/W, Hq, D) and dk, dv: W x (B, S/W, Hkv, D), in q's dtype.
     """
-    heads_kv = k[0].shape[2]
-    dv = _all_reduced_key_gradient(world, probs, dout, heads_kv, positions, causal, 1.0)
-    dprobs = _ring_of_values_backward(world, dout, v, positions, causal)
-    dscores = [_softmax_backward(p, dp) for p, dp in zip(probs, dprobs)]
-    dk = _all_reduced_key_gradient(world, dscores, q, heads_kv, positions, causal, scale)
-    dq = _ring_of_keys_backward(world, dscores, k, positions, causal, scale)
+    W = world.size
+    acc = blocks.accumulation_dtype(q[0].dtype)
+    batch, seq_local, heads_q, _ = q[0].shape
+    rows_shape = (batch, heads_q, seq_local, W * seq_local)  # (B, Hq, S/W, S): full score rows
+    # RingAV.backward: dV = P^T·dO all-reduced, then dP as V travels the ring again
+    dv = _all_reduced_key_gradient(world, probs, dout, k[0].shape[2], 1.0, positions, causal)
+    dprobs = [torch.zeros(rows_shape, dtype=acc) for _ in q]
+    v_from_prev_rank = [[v[rank]] for rank in range(W)]
+    for step in range(W):  # dP[:, :, block(src)] = dO·v_src^T; masked blocks stay 0 (P is 0)
+        if step < W - 1:
+            shift = world.ring_shift(v_from_prev_rank, phase="backward", step=step)
+        for rank in range(W):
+            src = (rank - step) % W
+            (v_block,) = v_from_prev_rank[rank]
+            if blocks.any_visible(positions[rank], positions[src], causal):
+                columns = rows.columns(src, seq_local)
+                dprobs[rank][..., columns] = rows.dprobs_block(dout[rank], v_block)
+                world.compute(rank, _macs(q[rank], positions[rank], positions[src], causal),
+                              "backward", step)  # fmt: skip
+        if step < W - 1:
+            v_from_prev_rank = shift.wait()
+    dscores = [rows.softmax_backward(probs[rank], dprobs[rank]) for rank in range(W)]
+    # RingQK.backward: dK = scale·dS^T·Q all-reduced, then dQ as K travels the ring again
+    dk = _all_reduced_key_gradient(world, dscores, q, k[0].shape[2], scale, positions, causal)
+    dq = [torch.zeros(x.shape, dtype=acc) for x in q]
+    k_from_prev_rank = [[k[rank]] for rank in range(W)]
+    for step in range(W):  # dQ += scale·dS[:, :, block(src)]·k_src
+        if step < W - 1:
+            shift = world.ring_shift(k_from_prev_rank, phase="backward", step=step)
+        for rank in range(W):
+            src = (rank - step) % W
+            (k_block,) = k_from_prev_rank[rank]
+            if blocks.any_visible(positions[rank], positions[src], causal):
+                columns = rows.columns(src, seq_local)
+                dq[rank] += rows.weighted_block(dscores[rank][..., columns], k_block) * scale
+                world.compute(rank, _macs(q[rank], positions[rank], positions[src], causal),
+                              "backward", step)  # fmt: skip
+        if step < W - 1:
+            k_from_prev_rank = shift.wait()
     dtype = q[0].dtype
     return [x.to(dtype) for x in dq], [x.to(dtype) for x in dk], [x.to(dtype) for x in dv]
+
+
+def _all_reduced_key_gradient(world, weights, x, heads_kv, factor, positions, causal):
+    """``factor·weights^T·x`` for every key, summed over ranks; each rank keeps its own rows.
+
+    weights: W x (B, Hq, S/W, S) (P for dV, dS for dK); x: W x (B, S/W, Hq, D) (dout for dV, q
+    for dK). Returns W x (B, S/W, Hkv, D) in the accumulation dtype.
+    """
+    seq_local = x[0].shape[1]
+    column_positions = torch.cat(positions)  # (S,) global position of each score column
+    shares = []  # W x (B, S, Hkv, D): each rank's queries' share of every key's gradient
+    for rank in range(world.size):
+        shares.append(factor * rows.key_gradient_share(weights[rank], x[rank], heads_kv))
+        world.compute(rank, _macs(x[rank], positions[rank], column_positions, causal), "backward")
+    # all-reduce, then keep own rows, as the paper does (a reduce-scatter would send half)
+    summed = world.all_reduce(shares, phase="backward")
+    return [full[:, rows.columns(rank, seq_local)] for rank, full in enumerate(summed)]
+
+
+def _macs(x, q_pos, k_pos, causal):
+    """Useful multiply-adds of one product over the visible pairs: D per pair and query head.
+
+    x: (B, S/W, Hq, D), this rank's queries (or dout); half of ``attention_macs``' 2·D.
+    """
+    batch, _, heads_q, head_dim = x.shape
+    return work.attention_macs(q_pos, k_pos, causal, batch, heads_q, head_dim) // 2
 
 
 def emulate(

@@ -6,15 +6,13 @@ import importlib
 
 import torch
 
-from sptutor import layout as layouts
 from sptutor.checks import check_decay, check_linear_layout, check_qkv
+from sptutor.layout import all_positions, check_layout, shard, unshard
 from sptutor.methods import LINEAR_METHODS, METHODS, SOFTMAX_METHODS
 from sptutor.oracle.world import Simulation, World
 
-# method -> (module of oracle/, function); lasp.py holds both linear methods, like sptutor/lasp.py
-_EMULATORS = {method: (method, "emulate") for method in METHODS} | {
-    "lasp2": ("lasp", "emulate_lasp2")
-}
+# method -> (module of oracle/, function): one file per method, as in sptutor/
+_EMULATORS = {method: (method, "emulate") for method in METHODS}
 
 
 def _emulator(method: str):
@@ -44,7 +42,7 @@ def _check_options(method, q, k, v, dout, world, causal, layout, ulysses, decay,
     elif decay is not None:
         raise ValueError(f"decay is for linear attention (lasp, lasp2), not {method}")
     ulysses = ulysses or 1
-    layouts.check_layout(q.shape[1], world=world, layout=layout, ulysses=ulysses)
+    check_layout(q.shape[1], world=world, layout=layout, ulysses=ulysses)
     return ulysses
 
 
@@ -73,13 +71,9 @@ def simulate(
     seq_len, head_dim = q.shape[1], q.shape[3]
 
     def cut(x: torch.Tensor | None, dim: int = 1) -> list[torch.Tensor] | None:
-        return (
-            None
-            if x is None
-            else layouts.shard(x, world=world, layout=layout, ulysses=degree, dim=dim)
-        )
+        return None if x is None else shard(x, world=world, layout=layout, ulysses=degree, dim=dim)
 
-    positions = layouts.all_positions(seq_len, world=world, layout=layout, ulysses=degree)
+    positions = all_positions(seq_len, world=world, layout=layout, ulysses=degree)
     options = {"positions": positions, "causal": causal}
     if method in SOFTMAX_METHODS:
         options["scale"] = head_dim**-0.5 if scale is None else scale
@@ -92,11 +86,7 @@ def simulate(
 
     def glue(name: str, dim: int = 1) -> torch.Tensor | None:
         parts = [getattr(record, name) for record in records]
-        return (
-            None
-            if parts[0] is None
-            else layouts.unshard(parts, layout=layout, ulysses=degree, dim=dim)
-        )
+        return None if parts[0] is None else unshard(parts, layout=layout, ulysses=degree, dim=dim)
 
     return Simulation(
         out=glue("out"), lse=glue("lse", dim=2), dq=glue("dq"), dk=glue("dk"), dv=glue("dv"),

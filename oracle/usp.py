@@ -15,36 +15,53 @@ Nothing is written twice: the all-to-all steps are ``oracle/ulysses.py``'s and t
 are ``oracle/ring.py``'s ``_forward``/``_backward``, run on sub-worlds that share the ledger. So
 U = 1 is ring attention and U = W is Ulysses, message for message (with U = W the one ring rank
 owns the whole sequence under any layout, split contiguously: Ulysses' contiguous layout).
+
+Mirrors ``sptutor/usp.py`` step for step; here index ``r`` of each list is rank r, and
+``_in_groups`` runs each step on every group's sub-world where the real code runs it on this
+rank's group.
 """
 
 from __future__ import annotations
 
-from functools import partial
+from typing import NamedTuple
 
-import torch
-
+from sptutor import heads
 from sptutor.checks import check_ulysses_heads
 from sptutor.oracle import ring, ulysses
 from sptutor.oracle.world import RankRecord, World, nbytes
 
 
+class _Mesh(NamedTuple):
+    """The emulated twin of ``sptutor.mesh.UspMesh``: every group's members, not one rank's.
+
+    ulysses: the degree U; ulysses_groups: R lists of U contiguous ranks; ring_groups: U lists of
+    R strided ranks (indices into the world).
+    """
+
+    ulysses: int
+    ulysses_groups: list[list[int]]
+    ring_groups: list[list[int]]
+
+
 def _mesh(world_size, degree):
     """The ulysses groups (contiguous ranks) and ring groups (strided ranks) of a U x R mesh."""
-    ring_degree = world_size // degree
-    ulysses_groups = [list(range(i * degree, (i + 1) * degree)) for i in range(ring_degree)]
+    ulysses_groups = [list(range(i, i + degree)) for i in range(0, world_size, degree)]
     ring_groups = [list(range(j, world_size, degree)) for j in range(degree)]
-    return ulysses_groups, ring_groups
+    return _Mesh(degree, ulysses_groups, ring_groups)
 
 
-def _in_groups(world, groups, step, *per_rank):
-    """Run ``step(group_world, *lists)`` on every group, each seeing only its members' entries.
+def _in_groups(world, groups, step, *per_rank, **options):
+    """Run ``step(group_world, *lists, **options)`` on every group's sub-world (the real code runs
+    it on this rank's group), each seeing only its members' entries.
 
     per_rank: lists indexed by global rank. ``step`` returns one list, or a tuple of lists, indexed
     like its members; returns the same, indexed by global rank.
     """
     outputs, single = [], False
     for members in groups:
-        results = step(world.group(members), *([x[m] for m in members] for x in per_rank))
+        results = step(
+            world.group(members), *([x[m] for m in members] for x in per_rank), **options
+        )
         single = not isinstance(results, tuple)
         results = (results,) if single else results
         outputs = outputs or [[None] * world.size for _ in results]
@@ -54,60 +71,58 @@ def _in_groups(world, groups, step, *per_rank):
     return outputs[0] if single else tuple(outputs)
 
 
-def _ring_positions(positions, ulysses_groups):
-    """W x (S/R,): each rank's positions after the all-to-all, its ulysses group's concatenated
-    (= the tokens its ring rank owns under the layout)."""
-    gathered = [torch.cat([positions[m] for m in members]) for members in ulysses_groups]
-    return [gathered[rank // len(ulysses_groups[0])] for rank in range(len(positions))]
-
-
-def _lse_for_checking(world, degree, lse_heads):
+def _lse_for_checking(world, mesh, lse_heads):
     """W x (B, Hq/U, S/R) -> W x (B, Hq, S/W): each rank's LSE for its own tokens, read from its
     ulysses group's state (no message logged; USP itself never needs it)."""
-    ulysses_groups, _ = _mesh(world.size, degree)
 
     def read_group(_group, group_lse):  # reads the ranks' state directly: no message
         return ulysses._lse_for_checking(group_lse)
 
-    return _in_groups(world, ulysses_groups, read_group, lse_heads)
+    return _in_groups(world, mesh.ulysses_groups, read_group, lse_heads)
 
 
-def _forward(world, degree, q, k, v, positions, causal, scale):
-    """q: W x (B, S/W, Hq, D); k, v: W x (B, S/W, Hkv, D); positions: W x (S/W,); degree: U.
+def _forward(world, q, k, v, positions, causal, scale, mesh):
+    """q: W x (B, S/W, Hq, D); k, v: W x (B, S/W, Hkv, D); positions: W x (S/W,).
 
     Returns out: W x (B, S/W, Hq, D) in q's dtype, and what each rank keeps for backward, in the
     heads layout: q: (B, S/R, Hq/U, D), k, v: (B, S/R, max(Hkv/U, 1), D), out like q,
     lse: (B, Hq/U, S/R), each a list over ranks.
     """
-    ulysses_groups, ring_groups = _mesh(world.size, degree)
+    ring_positions = heads.gathered_positions(positions, mesh.ulysses)  # R x (S/R,)
     # sequence -> heads inside each ulysses group: (B, S/W, H, D) -> (B, S/R, H/U, D)
-    q_heads, k_heads, v_heads = _in_groups(world, ulysses_groups, ulysses._qkv_to_heads, q, k, v)
-    ring_step = partial(ring._forward, causal=causal, scale=scale)
+    q_heads, k_heads, v_heads = _in_groups(
+        world, mesh.ulysses_groups, ulysses._qkv_to_heads, q, k, v
+    )
+    # ring attention over each ring group, on those tokens and heads
     out_heads, lse_heads = _in_groups(
-        world, ring_groups, ring_step,
-        q_heads, k_heads, v_heads, _ring_positions(positions, ulysses_groups),
+        world, mesh.ring_groups, ring._forward, q_heads, k_heads, v_heads,
+        positions=ring_positions, causal=causal, scale=scale,
     )  # fmt: skip
     # heads -> sequence: (B, S/R, Hq/U, D) -> (B, S/W, Hq, D)
-    out_step = partial(ulysses._heads_to_seq, phase="forward")
-    out = _in_groups(world, ulysses_groups, out_step, out_heads)
+    out = _in_groups(world, mesh.ulysses_groups, ulysses._heads_to_seq, out_heads, phase="forward")
     return out, (q_heads, k_heads, v_heads, out_heads, lse_heads)
 
 
-def _backward(world, degree, dout, saved, positions, causal, scale, heads_kv):
+def _backward(world, dout, saved, positions, causal, scale, heads_kv, mesh):
     """dout: W x (B, S/W, Hq, D); saved: what ``_forward`` kept; heads_kv: Hkv of the inputs.
 
     Returns dq: W x (B, S/W, Hq, D) and dk, dv: W x (B, S/W, Hkv, D), in dout's dtype.
     """
-    ulysses_groups, ring_groups = _mesh(world.size, degree)
-    dout_step = partial(ulysses._seq_to_heads, phase="backward")
-    dout_heads = _in_groups(world, ulysses_groups, dout_step, dout)  # W x (B, S/R, Hq/U, D)
-    ring_step = partial(ring._backward, causal=causal, scale=scale)
+    ring_positions = heads.gathered_positions(positions, mesh.ulysses)  # R x (S/R,)
+    # sequence -> heads: (B, S/W, Hq, D) -> (B, S/R, Hq/U, D)
+    dout_heads = _in_groups(
+        world, mesh.ulysses_groups, ulysses._seq_to_heads, dout, phase="backward"
+    )
+    # the ring backward over each ring group
     dq_heads, dk_heads, dv_heads = _in_groups(
-        world, ring_groups, ring_step,
-        dout_heads, *saved, _ring_positions(positions, ulysses_groups),
+        world, mesh.ring_groups, ring._backward, dout_heads, *saved,
+        positions=ring_positions, causal=causal, scale=scale,
     )  # fmt: skip
-    grads_step = partial(ulysses._grads_to_seq, heads_kv=heads_kv)
-    return _in_groups(world, ulysses_groups, grads_step, dq_heads, dk_heads, dv_heads)
+    # heads -> sequence, K/V replicas summed: (B, S/R, H/U, D) -> (B, S/W, H, D)
+    return _in_groups(
+        world, mesh.ulysses_groups, ulysses._grads_to_seq, dq_heads, dk_heads, dv_heads,
+        heads_kv=heads_kv,
+    )  # fmt: skip
 
 
 def emulate(
@@ -123,14 +138,15 @@ def emulate(
     if degree < 1 or world.size % degree:
         raise ValueError(f"usp needs U·R == W, so U must divide W, got W={world.size}, U={degree}")
     check_ulysses_heads(q[0].shape[2], heads_kv, degree)
-    out, saved = _forward(world, degree, q, k, v, positions, causal, scale)
-    lse = _lse_for_checking(world, degree, saved[-1])
+    mesh = _mesh(world.size, degree)
+    out, saved = _forward(world, q, k, v, positions, causal, scale, mesh)
+    lse = _lse_for_checking(world, mesh, saved[-1])
     records = [
         RankRecord(out=o, lse=l, saved_bytes=sum(nbytes(x[rank]) for x in saved))
         for rank, (o, l) in enumerate(zip(out, lse))
     ]
     if dout is not None:
-        grads = _backward(world, degree, dout, saved, positions, causal, scale, heads_kv)
+        grads = _backward(world, dout, saved, positions, causal, scale, heads_kv, mesh)
         for record, dq, dk, dv in zip(records, *grads):
             record.dq, record.dk, record.dv = dq, dk, dv
     return records

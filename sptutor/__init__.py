@@ -5,7 +5,8 @@ The real per-rank methods live here (one call per rank, inside ``torchrun`` or
 """
 
 from sptutor import launch, layout, ledger
-from sptutor.lasp import lasp2_attention, lasp_attention
+from sptutor.lasp import lasp_attention
+from sptutor.lasp2 import lasp2_attention
 from sptutor.lss import lss_attention
 from sptutor.mesh import make_usp_mesh
 from sptutor.ring import ring_attention

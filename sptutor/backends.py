@@ -1,11 +1,12 @@
-"""Where block attention is computed: plain torch (``sptutor.blocks``) or our Triton kernels.
+"""Where block attention is computed: plain torch (``sptutor.blocks`` for softmax blocks,
+``sptutor.chunks`` for linear chunks) or our Triton kernels.
 
-``backend="auto"`` is ``"triton"`` for CUDA tensors and ``"torch"`` for CPU tensors (see Design,
-*Public API*).
-``"triton"`` also runs on CPU tensors, under the Triton interpreter (slow: for tests and reading;
-``sptutor.kernels`` turns the interpreter on when there is no GPU). Both backends take and return
-the same shapes and dtypes (partial results in the accumulation dtype), so a method's step loop
-does not care which one runs. RSA always computes on torch: its full score rows are the point.
+``backend="auto"`` is ``"triton"`` for CUDA tensors when the optional triton package is installed
+(the ``kernels`` extra) and ``"torch"`` otherwise (see Design, *Public API*). ``"triton"`` also
+runs on CPU tensors, under the Triton interpreter (slow: for tests and reading; ``sptutor.kernels``
+turns the interpreter on when there is no GPU). Both backends take and return the same shapes and
+dtypes (partial results in the accumulation dtype), so a method's step loop does not care which
+one runs. RSA always computes on torch: its full score rows are the point.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import importlib.util
 
 import torch
 
-from sptutor import agreement, blocks, comm
-from sptutor import layout as layout_
+from sptutor import agreement, blocks, chunks, comm
+from sptutor.layout import all_positions
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -78,7 +79,7 @@ def prepare(
     """
     agreement.check_membership(group, method)
     _, world = comm.rank_and_size(group)
-    positions = layout_.all_positions(
+    positions = all_positions(
         q.shape[1] * world, world=world, layout=layout, ulysses=ulysses, device=q.device
     )
     concrete = resolve(backend, q)
@@ -93,7 +94,7 @@ def tokens_by_layout(world: int, layout: str, ulysses: int = 1):
     """``S -> [tokens of each rank]`` under ``layout`` (ValueError for an S it cannot cut)."""
 
     def tokens(seq_len: int) -> list[int]:
-        cut = layout_.all_positions(seq_len, world=world, layout=layout, ulysses=ulysses)
+        cut = all_positions(seq_len, world=world, layout=layout, ulysses=ulysses)
         return [len(p) for p in cut]
 
     return tokens
@@ -125,13 +126,13 @@ def linear_local_forward(backend: str, q, k, v, decay, needs_state: bool):
     """A chunk's work that waits for nobody (LASP): the intra-chunk output ``[(QK^T)⊙M]V``
     (B, C, Hq, D) and, if ``needs_state``, its local state ``sum_i decay^(C-1-i) k_i^T v_i``
     (B, Hq, D, D) — on triton one fused kernel (the chunk with no incoming state), on torch in
-    sub-chunks of ``blocks.LINEAR_BLOCK`` tokens (memory O(C·D + D²), time linear in C)."""
+    sub-chunks of ``chunks.SUB_CHUNK`` tokens (memory O(C·D + D²), time linear in C)."""
     if backend == "triton":
         acc = blocks.accumulation_dtype(q.dtype)
         out, local = _kernels().linear_attention_forward(q, k, v, decay=decay, out_dtype=acc)
         return out, local if needs_state else None
-    out = blocks.linear_chunk_intra_blocked(q, k, v, decay)
-    local = blocks.linear_local_state(k, v, decay, heads_q=q.shape[2]) if needs_state else None
+    out = chunks.intra_blocked(q, k, v, decay)
+    local = chunks.local_state(k, v, decay, heads_q=q.shape[2]) if needs_state else None
     return out, local
 
 
@@ -146,8 +147,8 @@ def linear_local_backward(backend: str, dout, q, k, v, state_in, decay, needs_ds
             grad_dtype=blocks.accumulation_dtype(q.dtype),
         )  # fmt: skip
         return dq, dk, dv, local_dstate if needs_dstate else None
-    dq, dk, dv = blocks.linear_chunk_intra_backward_blocked(dout, q, k, v, decay)
+    dq, dk, dv = chunks.intra_backward_blocked(dout, q, k, v, decay)
     if state_in is not None:  # the state read in forward is cached: no message needed
-        dq = dq + blocks.linear_readout_backward(dout, state_in, decay)
-    local_dstate = blocks.linear_local_dstate(q, dout, decay) if needs_dstate else None
+        dq = dq + chunks.readout_backward(dout, state_in, decay)
+    local_dstate = chunks.local_dstate(q, dout, decay) if needs_dstate else None
     return dq, dk, dv, local_dstate

@@ -117,7 +117,7 @@ def run_kernels(dtype: str = "bfloat16", quick: bool = False) -> int:
 def _lasp_rank_seconds(chunk: int, shape: tuple[int, int, int, int], repeats: int) -> float:
     """Best time in s of one LASP rank's work (torch backend, a neighbour on each side):
     local forward, carry and readout; local backward, carry and the state's dk, dv."""
-    from sptutor import backends, blocks
+    from sptutor import backends, chunks
 
     batch, heads_q, heads_kv, head_dim = shape
     gen = torch.Generator().manual_seed(0)
@@ -129,13 +129,13 @@ def _lasp_rank_seconds(chunk: int, shape: tuple[int, int, int, int], repeats: in
     for _ in range(repeats):
         start = time.perf_counter()
         out, local = backends.linear_local_forward("torch", q, k, v, decay, True)
-        blocks.linear_carry(kv_in, local, decay, chunk)
-        out = out + blocks.linear_readout(q, kv_in, decay)
+        chunks.carry(kv_in, local, decay, chunk)
+        out = out + chunks.readout(q, kv_in, decay)
         *_, local_dstate = backends.linear_local_backward(
             "torch", dout, q, k, v, kv_in, decay, True
         )
-        blocks.linear_carry(dkv_out, local_dstate, decay, chunk)
-        blocks.linear_local_state_backward(dkv_out, k, v, decay)
+        chunks.carry(dkv_out, local_dstate, decay, chunk)
+        chunks.local_state_backward(dkv_out, k, v, decay)
         best = min(best, time.perf_counter() - start)
     return best
 

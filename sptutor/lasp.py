@@ -1,26 +1,21 @@
-"""LASP and LASP-2 on ``torch.distributed``: linear attention whose only messages are D×D states.
+"""LASP on ``torch.distributed``: linear attention whose only messages are D×D states, on a chain.
 
 This process is rank t of the group and holds chunk t of the sequence (C = S/W tokens; contiguous
 layout: the state runs in sequence order). It first does the work that needs nothing from the
 others — the intra-chunk output ``[(Q K^T) ⊙ M] V`` and its chunk's local state
-``sum_i decay^(C-1-i) k_i^T v_i`` — then:
-
-- ``lasp`` (causal): a chain. Rank t receives ``KV_p0`` from rank t-1, hands
-  ``KV_out = decay^C KV_p0 + local`` on to rank t+1 at once, then reads ``decay^(i+1) q_i KV_p0``.
-  The received state is cached for backward ("state caching"), never recomputed or resent.
-  Backward runs the chain in reverse: rank t receives dKV_out from rank t+1 and sends
-  ``dKV_p0 = decay^C dKV_out + sum_i decay^(i+1) q_i^T dO_i`` to rank t-1.
-- ``lasp2`` (causal): one all-gather of the local states; each rank combines those of the ranks
-  before it (a prefix, ``KV_p0 = sum_{t'<t} decay^(C(t-1-t')) local_t'``) — the chain, done
-  locally. Backward: one all-gather of the local dKV, combined over the ranks after it (a suffix).
-- non-causal, both: the sum of every rank's ``K^T V`` (lasp: all-reduce; lasp2: all-gather and
-  sum), read as ``q·KV_total``; backward the sum of every rank's ``Q^T dO`` the same way, then
-  ``dk = v dKV^T``, ``dv = k dKV``.
+``sum_i decay^(C-1-i) k_i^T v_i`` — then, causal, a chain: rank t receives ``KV_p0`` from rank t-1,
+hands ``KV_out = decay^C KV_p0 + local`` on to rank t+1 at once, then reads
+``decay^(i+1) q_i KV_p0``. The received state is cached for backward ("state caching"), never
+recomputed or resent. Backward runs the chain in reverse: rank t receives dKV_out from rank t+1
+and sends ``dKV_p0 = decay^C dKV_out + sum_i decay^(i+1) q_i^T dO_i`` to rank t-1.
+Non-causal: one all-reduce of every rank's ``K^T V``, read as ``q·KV_total``; backward one
+all-reduce of ``Q^T dO``, then ``dk = v dKV^T``, ``dv = k dKV``.
 
 States travel in the accumulation dtype (float32 for 16-bit inputs), one per query head:
 ``(B, Hq, D, D)`` (see Design, *Linear attention*). Each rank keeps its q, k, v shards and the
-state it read (state_in: the received or prefix state, none on rank 0; non-causal the total) for
-backward, never the output.
+state it read (state_in: the received state, none on rank 0; non-causal the total) for backward,
+never the output. ``sptutor/lasp2.py`` reuses the local work, the state gradients, the non-causal
+steps and the checks from here.
 
 Mirrors ``oracle/lasp.py`` step for step; here each process is one rank, and a chain step is a
 blocking ``comm.recv`` from the previous rank, then ``comm.send`` to the next: no cycle, so no
@@ -31,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from sptutor import agreement, backends, blocks, comm
+from sptutor import agreement, backends, blocks, chunks, comm
 from sptutor.checks import check_decay, check_qkv
 
 
@@ -51,27 +46,6 @@ def _local_forward(q, k, v, decay, needs_state, backend):
     return backends.linear_local_forward(backend, q, k, v, decay, needs_state)
 
 
-def _forward(q, k, v, decay, group, backend):
-    """LASP, causal. q: (B, C, Hq, D); k, v: (B, C, Hkv, D); decay: (Hq,) or None.
-
-    Returns out: (B, C, Hq, D) (accumulation dtype) and state_in: (B, Hq, D, D) or None.
-    """
-    rank, W = comm.rank_and_size(group)
-    chunk = q.shape[1]
-    # the last rank's state would go nowhere: it builds none
-    out, local_state = _local_forward(q, k, v, decay, rank < W - 1, backend)
-    kv_from_prev_rank = None
-    if rank > 0:  # step rank-1: the chain visits the chunks in sequence order
-        kv_from_prev_rank = comm.recv(_state_like(q), rank - 1, group)
-    state_in = kv_from_prev_rank  # state caching: kept for backward, never resent
-    if rank < W - 1:  # pass KV_out on first: the next rank waits for it, not for our output
-        kv_out = blocks.linear_carry(kv_from_prev_rank, local_state, decay, chunk)
-        comm.send(kv_out, rank + 1, group, phase="forward", step=rank)
-    if state_in is not None:
-        out = out + blocks.linear_readout(q, state_in, decay)
-    return out, state_in
-
-
 def _local_backward(dout, q, k, v, state_in, decay, needs_dstate, backend):
     """Work that waits for nobody: intra-chunk gradients, dq through the state read in forward,
     and the local dKV ``sum_i decay^(i+1) q_i^T dO_i`` if ``needs_dstate``.
@@ -85,8 +59,29 @@ def _add_state_gradients(dk, dv, dkv_out, k, v, decay):
     """dk, dv plus those of this rank's local state, given dKV_out (None: no later chunk)."""
     if dkv_out is None:
         return dk, dv
-    dk_state, dv_state = blocks.linear_local_state_backward(dkv_out, k, v, decay)
+    dk_state, dv_state = chunks.local_state_backward(dkv_out, k, v, decay)
     return dk + dk_state, dv + dv_state
+
+
+def _forward(q, k, v, decay, group, backend):
+    """LASP, causal. q: (B, C, Hq, D); k, v: (B, C, Hkv, D); decay: (Hq,) or None.
+
+    Returns out: (B, C, Hq, D) (accumulation dtype) and state_in: (B, Hq, D, D) or None.
+    """
+    rank, W = comm.rank_and_size(group)
+    chunk = q.shape[1]
+    # the last rank's state would go nowhere: it builds none
+    out, local_state = _local_forward(q, k, v, decay, rank < W - 1, backend)
+    kv_from_prev_rank = None
+    if rank > 0:  # step rank-1: rank t waits for rank t-1
+        kv_from_prev_rank = comm.recv(_state_like(q), rank - 1, group)
+    state_in = kv_from_prev_rank  # state caching: kept for backward, never resent
+    if rank < W - 1:  # pass KV_out on first: the next rank waits for it, not for our output
+        kv_out = chunks.carry(kv_from_prev_rank, local_state, decay, chunk)
+        comm.send(kv_out, rank + 1, group, phase="forward", step=rank)
+    if state_in is not None:
+        out = out + chunks.readout(q, state_in, decay)
+    return out, state_in
 
 
 def _backward(dout, q, k, v, state_in, decay, group, backend):
@@ -103,47 +98,10 @@ def _backward(dout, q, k, v, state_in, decay, group, backend):
         dkv_from_next_rank = comm.recv(_state_like(q), rank + 1, group)
     dkv_out = dkv_from_next_rank  # the gradient of the KV this rank sent forward
     if rank > 0:  # pass dKV_p0 back first: the previous rank waits for it
-        dkv_in = blocks.linear_carry(dkv_out, local_dstate, decay, chunk)
+        dkv_in = chunks.carry(dkv_out, local_dstate, decay, chunk)
         comm.send(dkv_in, rank - 1, group, phase="backward", step=W - 1 - rank)
-    return (dq, *_add_state_gradients(dk, dv, dkv_out, k, v, decay))
-
-
-def _decayed_sum(states, decay, chunk):
-    """``sum_n decay^(C(N-1-n)) states[n]`` by Horner — LASP's chain step, run locally."""
-    total = None
-    for state in states:
-        total = blocks.linear_carry(total, state, decay, chunk)
-    return total
-
-
-def _forward_lasp2(q, k, v, decay, group, backend):
-    """LASP-2, causal: one all-gather of the local states, then a prefix on this rank.
-
-    Shapes as in ``_forward``; state_in is the prefix KV_p0 (None on rank 0), cached.
-    """
-    rank, _ = comm.rank_and_size(group)
-    chunk = q.shape[1]
-    # every rank contributes a state (the all-gather is symmetric), though no one reads the last
-    out, local_state = _local_forward(q, k, v, decay, True, backend)
-    # the intra output is done before the all-gather (LASP-2 overlaps the two; ours blocks)
-    gathered = comm.all_gather(local_state, group, phase="forward")
-    # KV_p0 = sum over earlier ranks t' of decay^(C·(rank-1-t')) local_t'
-    prefix = _decayed_sum(gathered[:rank], decay, chunk)
-    if prefix is not None:
-        out = out + blocks.linear_readout(q, prefix, decay)
-    return out, prefix
-
-
-def _backward_lasp2(dout, q, k, v, state_in, decay, group, backend):
-    """LASP-2, causal: one all-gather of the local dKV, then a suffix on this rank."""
-    rank, _ = comm.rank_and_size(group)
-    chunk = q.shape[1]
-    # every rank contributes a dKV (the all-gather is symmetric), though no one reads rank 0's
-    dq, dk, dv, local_dstate = _local_backward(dout, q, k, v, state_in, decay, True, backend)
-    gathered = comm.all_gather(local_dstate, group, phase="backward")
-    # dKV_out = sum over later ranks t' of decay^(C·(t'-rank-1)) local_dKV_t'
-    dkv_out = _decayed_sum(reversed(gathered[rank + 1 :]), decay, chunk)
-    return (dq, *_add_state_gradients(dk, dv, dkv_out, k, v, decay))
+    dk, dv = _add_state_gradients(dk, dv, dkv_out, k, v, decay)
+    return dq, dk, dv
 
 
 def _all_reduce(state, group, phase):
@@ -151,66 +109,59 @@ def _all_reduce(state, group, phase):
     return comm.all_reduce(state, group, phase=phase)
 
 
-def _all_gather_and_sum(state, group, phase):
-    """LASP-2's non-causal sum of every rank's state: one all-gather, then a local sum."""
-    return sum(comm.all_gather(state, group, phase=phase))
+def _forward_noncausal(q, k, v, group, sum_over_ranks):
+    """Non-causal: ``KV_total = sum_t K_t^T V_t`` (``sum_over_ranks``: LASP's all-reduce, or
+    LASP-2's all-gather and sum), read as ``q·KV_total``. Returns out and state_in = KV_total."""
+    local_state = chunks.local_state(k, v, None, heads_q=q.shape[2])
+    total = sum_over_ranks(local_state, group, "forward")
+    return chunks.readout(q, total, None), total
 
 
-def _forward_noncausal(q, k, v, total_of, group):
-    """Non-causal: ``KV_total = sum_t K_t^T V_t`` (``total_of``: all-reduce, or all-gather and
-    sum), read as ``q·KV_total``. Returns out and state_in = KV_total (kept)."""
-    local_state = blocks.linear_local_state(k, v, None, heads_q=q.shape[2])
-    total = total_of(local_state, group, "forward")
-    return blocks.linear_readout(q, total, None), total
-
-
-def _backward_noncausal(dout, q, k, v, total, total_of, group):
+def _backward_noncausal(dout, q, k, v, total, group, sum_over_ranks):
     """``dq = dO KV_total^T``; ``dKV_total = sum_t Q_t^T dO_t`` (summed like the forward);
     ``dk = V dKV_total^T``, ``dv = K dKV_total``."""
-    dq = blocks.linear_readout_backward(dout, total, None)
-    local_dstate = blocks.linear_local_dstate(q, dout, None)
-    dtotal = total_of(local_dstate, group, "backward")
-    return (dq, *blocks.linear_local_state_backward(dtotal, k, v, None))
+    dq = chunks.readout_backward(dout, total, None)
+    local_dstate = chunks.local_dstate(q, dout, None)
+    dtotal = sum_over_ranks(local_dstate, group, "backward")
+    dk, dv = chunks.local_state_backward(dtotal, k, v, None)
+    return dq, dk, dv
 
 
-class _LinearAttention(torch.autograd.Function):
-    """LASP or LASP-2 by ``steps`` = (forward, backward, total_of), as in the oracle's _emulate."""
-
+class _Lasp(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, decay, group, backend, steps):
-        forward, _, total_of = steps
+    def forward(ctx, q, k, v, causal, decay, group, backend):
         if causal:
-            out, state_in = forward(q, k, v, decay, group, backend)
+            out, state_in = _forward(q, k, v, decay, group, backend)
         else:
-            out, state_in = _forward_noncausal(q, k, v, total_of, group)
+            out, state_in = _forward_noncausal(q, k, v, group, _all_reduce)
         ctx.save_for_backward(q, k, v, state_in)  # the state read, never the output
-        ctx.options = (causal, decay, group, backend, steps)
+        ctx.options = (causal, decay, group, backend)
         return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, state_in = ctx.saved_tensors
-        causal, decay, group, backend, (_, backward, total_of) = ctx.options
+        causal, decay, group, backend = ctx.options
         dout = dout.contiguous()
         if causal:
-            dq, dk, dv = backward(dout, q, k, v, state_in, decay, group, backend)
+            dq, dk, dv = _backward(dout, q, k, v, state_in, decay, group, backend)
         else:
-            dq, dk, dv = _backward_noncausal(dout, q, k, v, state_in, total_of, group)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+            dq, dk, dv = _backward_noncausal(dout, q, k, v, state_in, group, _all_reduce)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
-def _attention(method, q, k, v, causal, decay, group, backend, steps):
+def _prepare(method, q, k, v, causal, decay, group, backend):
     """Check everything this rank can see (before any message; see Design, *Errors*) and that
-    every rank made the same call (``sptutor.agreement``, not logged), then run ``steps``."""
+    every rank made the same call (``sptutor.agreement``, not logged); returns the backend."""
     check_qkv(q, k, v)
     check_decay(decay, q, causal)
     agreement.check_membership(group, method)
     # the chunk's local work runs on the backend; non-causal pieces are single matmuls (torch)
-    backend = backends.resolve(backend, q)
+    concrete = backends.resolve(backend, q)
     _, world = comm.rank_and_size(group)
     call = agreement.signature(method, q, k, causal=causal, decay=decay)
     agreement.check_ranks_agree(group, call, backends.tokens_by_layout(world, "contiguous"))
-    return _LinearAttention.apply(q, k, v, causal, decay, group, backend, steps)
+    return concrete
 
 
 def lasp_attention(
@@ -233,24 +184,5 @@ def lasp_attention(
     Returns out: (B, C, Hq, D) this rank's output (differentiable), unnormalised (see Design,
     *Linear attention*).
     """
-    steps = (_forward, _backward, _all_reduce)
-    return _attention("lasp", q, k, v, causal, decay, group, backend, steps)
-
-
-def lasp2_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool = True,
-    decay: torch.Tensor | None = None,
-    group=None,
-    backend: str = "auto",
-) -> torch.Tensor:
-    """LASP-2 (Sun et al. 2025) over the ranks of ``group``; arguments as in :func:`lasp_attention`.
-
-    One all-gather of the local states (B, Hq, D, D) forward and one of the local dKV backward,
-    causal or not. Returns out: (B, C, Hq, D) this rank's output (differentiable).
-    """
-    steps = (_forward_lasp2, _backward_lasp2, _all_gather_and_sum)
-    return _attention("lasp2", q, k, v, causal, decay, group, backend, steps)
+    backend = _prepare("lasp", q, k, v, causal, decay, group, backend)
+    return _Lasp.apply(q, k, v, causal, decay, group, backend)

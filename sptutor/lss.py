@@ -23,17 +23,6 @@ from sptutor import backends, blocks, comm
 from sptutor.checks import check_qkv
 
 
-def _all_gather_kv(k, v, group):
-    """One fused all-gather: k, v: (B, S/W, Hkv, D) -> kv_gathered: (W, 2, B, S/W, Hkv, D).
-
-    ``kv_gathered[src]`` is rank src's ``[K‖V]`` as this rank received it.
-    """
-    # K and V stacked into one tensor, so that one collective moves both
-    fused = torch.stack((k, v))  # (2, B, S/W, Hkv, D)
-    # kept as gathered: the buffer the collective filled is the one saved for backward
-    return comm.all_gather(fused, group, phase="forward")  # (W, 2, B, S/W, Hkv, D)
-
-
 def _forward(q, k, v, positions, causal, scale, group, backend):
     """q: (B, S/W, Hq, D); k, v: (B, S/W, Hkv, D); positions: W x (S/W,), every group rank's.
 
@@ -42,11 +31,14 @@ def _forward(q, k, v, positions, causal, scale, group, backend):
     """
     rank, _ = comm.rank_and_size(group)
     acc = blocks.accumulation_dtype(q.dtype)
-    kv_gathered = _all_gather_kv(k, v, group)
+    batch, seq_local, heads_q, _ = q.shape
+    # K and V stacked into one tensor, so that one collective moves both
+    fused = torch.stack((k, v))  # (2, B, S/W, Hkv, D)
+    # kept as gathered: the buffer the collective filled is the one saved for backward
+    kv_gathered = comm.all_gather(fused, group, phase="forward")  # (W, 2, B, S/W, Hkv, D)
     out = torch.zeros(q.shape, dtype=acc, device=q.device)
-    lse = torch.full(
-        (q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=acc, device=q.device
-    )
+    lse = torch.full((batch, heads_q, seq_local), float("-inf"), dtype=acc, device=q.device)
+    # kv_gathered[src] is rank src's [K‖V] as this rank received it
     for src, (k_block, v_block) in enumerate(kv_gathered):
         if not blocks.any_visible(positions[rank], positions[src], causal):
             continue  # fully masked by positions: nothing to compute

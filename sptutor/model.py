@@ -25,15 +25,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from sptutor import blocks, lasp, layout, lss, ring, rsa, ulysses, usp
+from sptutor import blocks, lasp, lasp2, layout, lss, ring, rsa, ulysses, usp
 from sptutor.mesh import UspMesh
 from sptutor.methods import LINEAR_METHODS, SOFTMAX_METHODS
+from sptutor.oracle import reference
 
 ATTENTIONS = ("full", "linear", *SOFTMAX_METHODS, *LINEAR_METHODS)
 _SP_ATTENTION = {
     "rsa": rsa.rsa_attention, "ring": ring.ring_attention, "ulysses": ulysses.ulysses_attention,
     "usp": usp.usp_attention, "lss": lss.lss_attention,
-    "lasp": lasp.lasp_attention, "lasp2": lasp.lasp2_attention,
+    "lasp": lasp.lasp_attention, "lasp2": lasp2.lasp2_attention,
 }  # fmt: skip
 
 
@@ -126,27 +127,6 @@ def linear_decay(heads_q: int, like: torch.Tensor) -> torch.Tensor:
     return torch.exp(-slopes).to(device=like.device, dtype=blocks.accumulation_dtype(like.dtype))
 
 
-def full_softmax_attention(q, k, v, positions):
-    """Causal softmax attention on one process: q: (B, S, Hq, D), k, v: (B, S, Hkv, D).
-
-    Masks come from ``positions`` (S,) like every method's, so tokens may come in any order.
-    Plain torch (``scaled_dot_product_attention``), independent of ``sptutor.blocks``.
-    """
-    group_size = q.shape[2] // k.shape[2]
-    k, v = (x.repeat_interleave(group_size, dim=2) for x in (k, v))  # (B, S, Hq, D)
-    visible = positions[:, None] >= positions[None, :]  # (S, S)
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=visible
-    )  # (B, Hq, S, D)
-    return out.transpose(1, 2)  # (B, S, Hq, D)
-
-
-def full_linear_attention(q, k, v, decay):
-    """Causal linear attention with ``decay`` (Hq,) on one process: q: (B, S, Hq, D), k, v:
-    (B, S, Hkv, D). The whole sequence as one chunk: ``[(Q K^T) ⊙ M] V`` (``sptutor.blocks``)."""
-    return blocks.linear_chunk_forward(q, k, v, None, decay)[0].to(q.dtype)
-
-
 class Attention(nn.Module):
     """Projections around the attention of ``config.attention``; the SP call happens here."""
 
@@ -184,8 +164,9 @@ class Attention(nn.Module):
     def _softmax(self, q, k, v, positions, group, mesh):
         """Causal softmax attention of this rank's shard: (B, S_loc, Hq, D)."""
         name, lay = self.config.attention, self.config.layout
-        if name == "full":
-            return full_softmax_attention(q, k, v, positions)
+        if name == "full":  # one process: the ground truth, independent of what it checks
+            return reference.full_attention(q, k, v, causal=True, q_pos=positions,
+                                            k_pos=positions)[0]  # fmt: skip
         if name == "usp":
             return usp.usp_attention(q, k, v, mesh=mesh, causal=True, layout=lay)
         return _SP_ATTENTION[name](q, k, v, causal=True, layout=lay, group=group)
@@ -193,8 +174,8 @@ class Attention(nn.Module):
     def _linear(self, q, k, v, group):
         """Causal linear attention with decay of this rank's shard: (B, S_loc, Hq, D)."""
         decay = linear_decay(q.shape[2], q)
-        if self.config.attention == "linear":
-            return full_linear_attention(q, k, v, decay)
+        if self.config.attention == "linear":  # one process: the ground truth
+            return reference.full_linear_attention(q, k, v, causal=True, decay=decay)
         return _SP_ATTENTION[self.config.attention](q, k, v, causal=True, decay=decay, group=group)
 
 

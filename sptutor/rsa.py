@@ -24,87 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from sptutor import backends, blocks, comm
+from sptutor import backends, blocks, comm, rows
 from sptutor.checks import check_qkv
-
-
-def _ring_pass(block, group, phase):
-    """Send ``block`` round the ring (W-1 hops), yielding what this rank holds at each step.
-
-    Yields (src, block): at each step this rank holds ``block``, rank src's tensor. The hop after
-    step s starts before step s's compute (it travels while we compute) and is logged with step s.
-    """
-    rank, W = comm.rank_and_size(group)
-    for step in range(W):
-        if step < W - 1:  # start passing the block on; it travels while we compute
-            shift = comm.ring_shift([block], group, phase=phase, step=step)
-        yield (rank - step) % W, block
-        if step < W - 1:
-            (block,) = shift.wait()
-
-
-def _columns(src, tokens):
-    """The score columns (or full-length rows) of rank src's keys: block(src)."""
-    return slice(src * tokens, (src + 1) * tokens)
-
-
-def _rows_by_kv_head(rows, heads_kv):
-    """(B, Hq, S_q, S_k) -> (B, Hkv, G, S_q, S_k): score rows grouped by the K/V head they use."""
-    batch, heads_q, seq_q, seq_k = rows.shape
-    return rows.reshape(batch, heads_kv, heads_q // heads_kv, seq_q, seq_k)
-
-
-def _ring_of_keys(q, k, positions, causal, scale, group):
-    """Stage 1: K travels the ring; this rank fills its score rows block by block.
-
-    q: (B, S/W, Hq, D); k: (B, S/W, Hkv, D). Returns scores: (B, Hq, S/W, S) in the
-    accumulation dtype, scaled, -inf where masked (fully masked blocks are never computed).
-    """
-    rank, W = comm.rank_and_size(group)
-    batch, tokens, heads_q, _ = q.shape
-    acc = blocks.accumulation_dtype(q.dtype)
-    scores = torch.full(
-        (batch, heads_q, tokens, W * tokens), float("-inf"), dtype=acc, device=q.device
-    )
-    for src, k_block in _ring_pass(k, group, "forward"):
-        if not blocks.any_visible(positions[rank], positions[src], causal):
-            continue  # fully masked by positions: the columns stay -inf (the block still travels)
-        # (B, S/W, Hq, D) -> (B, S/W, Hkv, G, D)
-        q_grouped = blocks.group_query_heads(q, k_block.shape[2]).to(acc)
-        block = torch.einsum("bqhgd,bkhd->bhgqk", q_grouped, k_block.to(acc)) * scale
-        visible = blocks.visible_pairs(positions[rank], positions[src], causal)
-        block = block.reshape(batch, heads_q, tokens, tokens)  # (B, Hq, S/W, S/W)
-        scores[..., _columns(src, tokens)] = block.masked_fill(~visible, float("-inf"))
-    return scores
-
-
-def _softmax(scores, dtype):
-    """Softmax over full rows: scores (B, Hq, S/W, S) -> lse (B, Hq, S/W) and P in ``dtype``.
-
-    A row that sees no key has lse -inf and P 0.
-    """
-    lse = torch.logsumexp(scores, dim=-1)  # (B, Hq, S/W)
-    finite_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-    return lse, torch.exp(scores - finite_lse[..., None]).to(dtype)
-
-
-def _ring_of_values(probs, v, positions, causal, group):
-    """Stage 2: V travels the ring; ``out += P[:, :, block(src)]·v_src`` (paper eq. 4).
-
-    probs: (B, Hq, S/W, S) as stored; v: (B, S/W, Hkv, D).
-    Returns out: (B, S/W, Hq, D) in the accumulation dtype.
-    """
-    rank, _ = comm.rank_and_size(group)
-    batch, heads_q, tokens, _ = probs.shape
-    acc = blocks.accumulation_dtype(v.dtype)
-    out = torch.zeros(batch, tokens, heads_q, v.shape[3], dtype=acc, device=v.device)
-    for src, v_block in _ring_pass(v, group, "forward"):
-        if not blocks.any_visible(positions[rank], positions[src], causal):
-            continue
-        p_block = _rows_by_kv_head(probs[..., _columns(src, tokens)], v_block.shape[2])
-        block_out = torch.einsum("bhgqk,bkhd->bqhgd", p_block.to(acc), v_block.to(acc))
-        out += block_out.reshape(out.shape)  # (B, S/W, Hq, D)
-    return out
 
 
 def _forward(q, k, v, positions, causal, scale, group):
@@ -113,88 +34,96 @@ def _forward(q, k, v, positions, causal, scale, group):
     Returns out: (B, S/W, Hq, D) in q's dtype, lse: (B, Hq, S/W) in the accumulation dtype, and
     probs: (B, Hq, S/W, S) in q's dtype (kept for backward).
     """
-    scores = _ring_of_keys(q, k, positions, causal, scale, group)
-    lse, probs = _softmax(scores, q.dtype)
-    out = _ring_of_values(probs, v, positions, causal, group)
-    return out.to(q.dtype), lse, probs
-
-
-def _all_reduced_key_gradient(weights, rows, heads_kv, factor, group):
-    """``factor·weights^T·rows`` for every key, summed over ranks; this rank keeps its own rows.
-
-    weights: (B, Hq, S/W, S) (P for dV, dS for dK); rows: (B, S/W, Hq, D) (dout for dV, q for
-    dK). This rank's product (B, S, Hkv, D), summed over the query heads of a K/V head, is its
-    local queries' share of every key's gradient; the all-reduce adds the shares.
-    Returns (B, S/W, Hkv, D) in the accumulation dtype.
-    """
-    rank, _ = comm.rank_and_size(group)
-    tokens = rows.shape[1]
-    acc = blocks.accumulation_dtype(rows.dtype)
-    # (B, S/W, Hq, D) -> (B, S/W, Hkv, G, D)
-    rows_grouped = blocks.group_query_heads(rows, heads_kv).to(acc)
-    weights_grouped = _rows_by_kv_head(weights, heads_kv).to(acc)  # (B, Hkv, G, S/W, S)
-    share = torch.einsum("bhgqk,bqhgd->bkhd", weights_grouped, rows_grouped)  # (B, S, Hkv, D)
-    summed = comm.all_reduce(factor * share, group, phase="backward")
-    return summed[:, _columns(rank, tokens)]
-
-
-def _ring_of_values_backward(dout, v, positions, causal, group):
-    """V travels the ring again: ``dP[:, :, block(src)] = dO·v_src^T``.
-
-    dout: (B, S/W, Hq, D); v: (B, S/W, Hkv, D). Returns dprobs: (B, Hq, S/W, S) in the
-    accumulation dtype; fully masked blocks stay 0 (their P is 0, so dS is 0 there anyway).
-    """
     rank, W = comm.rank_and_size(group)
-    batch, tokens, heads_q, _ = dout.shape
-    acc = blocks.accumulation_dtype(dout.dtype)
-    dprobs = torch.zeros(batch, heads_q, tokens, W * tokens, dtype=acc, device=dout.device)
-    for src, v_block in _ring_pass(v, group, "backward"):
-        if not blocks.any_visible(positions[rank], positions[src], causal):
-            continue
-        # (B, S/W, Hq, D) -> (B, S/W, Hkv, G, D)
-        dout_grouped = blocks.group_query_heads(dout, v_block.shape[2]).to(acc)
-        block = torch.einsum("bqhgd,bkhd->bhgqk", dout_grouped, v_block.to(acc))
-        dprobs[..., _columns(src, tokens)] = block.reshape(batch, heads_q, tokens, tokens)
-    return dprobs
-
-
-def _softmax_backward(probs, dprobs):
-    """``dS = P ⊙ (dP - rowsum(P ⊙ dP))``, the softmax Jacobian on full rows (B, Hq, S/W, S)."""
-    probs = probs.to(dprobs.dtype)
-    return probs * (dprobs - (probs * dprobs).sum(dim=-1, keepdim=True))
-
-
-def _ring_of_keys_backward(dscores, k, positions, causal, scale, group):
-    """K travels the ring again: ``dQ += scale·dS[:, :, block(src)]·k_src``.
-
-    dscores: (B, Hq, S/W, S); k: (B, S/W, Hkv, D). Returns dq: (B, S/W, Hq, D) in the
-    accumulation dtype.
-    """
-    rank, _ = comm.rank_and_size(group)
-    batch, heads_q, tokens, _ = dscores.shape
-    acc = dscores.dtype
-    dq = torch.zeros(batch, tokens, heads_q, k.shape[3], dtype=acc, device=k.device)
-    for src, k_block in _ring_pass(k, group, "backward"):
-        if not blocks.any_visible(positions[rank], positions[src], causal):
-            continue
-        ds_block = _rows_by_kv_head(dscores[..., _columns(src, tokens)], k_block.shape[2])
-        block_dq = torch.einsum("bhgqk,bkhd->bqhgd", ds_block, k_block.to(acc)) * scale
-        dq += block_dq.reshape(dq.shape)  # (B, S/W, Hq, D)
-    return dq
+    acc = blocks.accumulation_dtype(q.dtype)
+    batch, seq_local, heads_q, _ = q.shape
+    rows_shape = (batch, heads_q, seq_local, W * seq_local)  # (B, Hq, S/W, S): full score rows
+    # -inf until a block fills them (fully masked blocks are never computed)
+    scores = torch.full(rows_shape, float("-inf"), dtype=acc, device=q.device)
+    k_from_prev_rank = [k]  # step 0: this rank's own
+    for step in range(W):  # ring of keys (RingQK): S[:, :, block(src)] = scale·q·k_src^T
+        if step < W - 1:  # start passing the block on; it travels while we compute
+            shift = comm.ring_shift(k_from_prev_rank, group, phase="forward", step=step)
+        src = (rank - step) % W  # whose block this rank holds now
+        (k_block,) = k_from_prev_rank
+        if blocks.any_visible(positions[rank], positions[src], causal):
+            columns = rows.columns(src, seq_local)  # block(src): rank src's key columns
+            scores[..., columns] = rows.scores_block(
+                q, k_block, positions[rank], positions[src], causal, scale
+            )
+        if step < W - 1:
+            k_from_prev_rank = shift.wait()
+    # softmax over the whole row (no online softmax); P is kept in the inputs' dtype
+    lse, probs = rows.softmax(scores, q.dtype)
+    out = torch.zeros(q.shape, dtype=acc, device=q.device)
+    v_from_prev_rank = [v]
+    for step in range(W):  # ring of values (RingAV): out += P[:, :, block(src)]·v_src
+        if step < W - 1:
+            shift = comm.ring_shift(v_from_prev_rank, group, phase="forward", step=step)
+        src = (rank - step) % W
+        (v_block,) = v_from_prev_rank
+        if blocks.any_visible(positions[rank], positions[src], causal):
+            columns = rows.columns(src, seq_local)
+            out += rows.weighted_block(probs[..., columns], v_block)
+        if step < W - 1:
+            v_from_prev_rank = shift.wait()
+    return out.to(q.dtype), lse, probs
 
 
 def _backward(dout, q, k, v, probs, positions, causal, scale, group):
     """dout: (B, S/W, Hq, D); probs: (B, Hq, S/W, S) stored by the forward; q, k, v as in
     ``_forward``. Returns dq: (B, S/W, Hq, D) and dk, dv: (B, S/W, Hkv, D), in q's dtype.
     """
-    heads_kv = k.shape[2]
-    dv = _all_reduced_key_gradient(probs, dout, heads_kv, 1.0, group)
-    dprobs = _ring_of_values_backward(dout, v, positions, causal, group)
-    dscores = _softmax_backward(probs, dprobs)
-    dk = _all_reduced_key_gradient(dscores, q, heads_kv, scale, group)
-    dq = _ring_of_keys_backward(dscores, k, positions, causal, scale, group)
+    rank, W = comm.rank_and_size(group)
+    acc = blocks.accumulation_dtype(q.dtype)
+    batch, seq_local, heads_q, _ = q.shape
+    rows_shape = (batch, heads_q, seq_local, W * seq_local)  # (B, Hq, S/W, S): full score rows
+    # RingAV.backward: dV = P^T·dO all-reduced, then dP as V travels the ring again
+    dv = _all_reduced_key_gradient(probs, dout, k.shape[2], 1.0, group)
+    dprobs = torch.zeros(rows_shape, dtype=acc, device=q.device)
+    v_from_prev_rank = [v]
+    for step in range(W):  # dP[:, :, block(src)] = dO·v_src^T; masked blocks stay 0 (P is 0)
+        if step < W - 1:
+            shift = comm.ring_shift(v_from_prev_rank, group, phase="backward", step=step)
+        src = (rank - step) % W
+        (v_block,) = v_from_prev_rank
+        if blocks.any_visible(positions[rank], positions[src], causal):
+            columns = rows.columns(src, seq_local)
+            dprobs[..., columns] = rows.dprobs_block(dout, v_block)
+        if step < W - 1:
+            v_from_prev_rank = shift.wait()
+    dscores = rows.softmax_backward(probs, dprobs)
+    # RingQK.backward: dK = scale·dS^T·Q all-reduced, then dQ as K travels the ring again
+    dk = _all_reduced_key_gradient(dscores, q, k.shape[2], scale, group)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    k_from_prev_rank = [k]
+    for step in range(W):  # dQ += scale·dS[:, :, block(src)]·k_src
+        if step < W - 1:
+            shift = comm.ring_shift(k_from_prev_rank, group, phase="backward", step=step)
+        src = (rank - step) % W
+        (k_block,) = k_from_prev_rank
+        if blocks.any_visible(positions[rank], positions[src], causal):
+            columns = rows.columns(src, seq_local)
+            dq += rows.weighted_block(dscores[..., columns], k_block) * scale
+        if step < W - 1:
+            k_from_prev_rank = shift.wait()
     dtype = q.dtype
     return dq.to(dtype), dk.to(dtype), dv.to(dtype)
+
+
+def _all_reduced_key_gradient(weights, x, heads_kv, factor, group):
+    """``factor·weights^T·x`` for every key, summed over ranks; this rank keeps its own rows.
+
+    weights: (B, Hq, S/W, S) (P for dV, dS for dK); x: (B, S/W, Hq, D) (dout for dV, q for dK).
+    Returns (B, S/W, Hkv, D) in the accumulation dtype.
+    """
+    rank, _ = comm.rank_and_size(group)
+    seq_local = x.shape[1]
+    # (B, S, Hkv, D): this rank's queries' share of every key's gradient
+    share = factor * rows.key_gradient_share(weights, x, heads_kv)
+    # all-reduce, then keep own rows, as the paper does (a reduce-scatter would send half)
+    summed = comm.all_reduce(share, group, phase="backward")
+    return summed[:, rows.columns(rank, seq_local)]
 
 
 class _RingSelfAttention(torch.autograd.Function):

@@ -1,21 +1,11 @@
-"""The tolerance rule of DESIGN §7 in one place, for sptutor's tests and for yours.
+"""The oracle API for other implementations: run a per-rank attention function on every rank and
+compare each rank's shards, messages and saved-for-backward bytes with ``oracle.simulate``.
 
-Every comparison in sptutor is *relative to the scale of the expected tensor*
-(``‖actual − expected‖ / ‖expected‖``): linear-attention outputs grow with the sequence, softmax
-outputs do not, and one rule must serve both.
-
-- float64 vs float64: the same math reordered, so the error is a few ulps times a small growth
-  factor; ``1e-10`` leaves four orders of magnitude of headroom over the ~1e-15 we observe and is
-  still far below any real bug (a wrong mask or a missing block gives errors of 1e-2 or more).
-- float32 vs a float64 oracle: float32 has ~6e-8 unit roundoff; sums over a few thousand terms
-  stay below ``1e-5``.
-- float16 / bfloat16: no fixed number is honest (it depends on S, D and the data), so the error
-  must be at most 2× (3× for gradients) that of plain torch attention computed in the same dtype
-  against the same float64 truth: "no worse than the naive baseline".
-
-The second half is the oracle API for other implementations: :func:`run_case` runs an attention
-function (sptutor's, or yours) on each rank, and :func:`compare_with_oracle` checks every rank's
-shards, messages and saved-for-backward bytes against ``oracle.simulate``.
+:func:`run_case` runs an attention function (sptutor's, or yours) on one rank of a launch;
+:func:`compare_with_oracle` compares every rank's results with the oracle's and returns one
+:class:`Comparison` per rank, whose :meth:`~Comparison.report` says in words whether the numbers
+match (the verdict) and how messages and memory compare (information). The tolerance rule these
+comparisons use lives in ``sptutor.tolerances`` and is re-exported here.
 """
 
 from __future__ import annotations
@@ -26,79 +16,30 @@ import torch
 import torch.distributed as dist
 
 import sptutor
-from sptutor import layout, ledger, oracle
+from sptutor import blocks, layout, ledger, oracle
+from sptutor.tolerances import (
+    BASELINE_FACTOR,
+    TOLERANCE,
+    assert_close,
+    assert_no_worse_than_baseline,
+    oracle_tolerance,
+    relative_error,
+    tolerance,
+)
 
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
-BASELINE_FACTOR = {"output": 2.0, "gradient": 3.0}
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """``‖actual − expected‖ / ‖expected‖`` in float64 (absolute when ``expected`` is all zero).
-
-    Entries where both tensors hold the same infinity (an LSE of -inf for a row that sees no key)
-    count as equal; an infinity on one side only makes the error infinite.
-    """
-    if actual.shape != expected.shape:
-        raise ValueError(f"shapes differ: {tuple(actual.shape)} vs {tuple(expected.shape)}")
-    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
-    same_infinity = torch.isinf(expected) & (actual == expected)
-    if bool((torch.isinf(actual) | torch.isinf(expected))[~same_infinity].any()):
-        return float("inf")
-    actual, expected = actual[~same_infinity], expected[~same_infinity]
-    scale = torch.linalg.vector_norm(expected).item()
-    difference = torch.linalg.vector_norm(actual - expected).item()
-    return difference / scale if scale > 0 else difference
-
-
-def tolerance(dtype: torch.dtype) -> float:
-    """The relative tolerance for results computed in ``dtype`` (float64 or float32)."""
-    if dtype not in TOLERANCE:
-        raise ValueError(f"no fixed tolerance for {dtype}; use assert_no_worse_than_baseline")
-    return TOLERANCE[dtype]
-
-
-def assert_close(
-    actual: torch.Tensor,
-    expected: torch.Tensor,
-    *,
-    dtype: torch.dtype | None = None,
-    what: str = "",
-) -> float:
-    """Assert ``relative_error(actual, expected) <= tolerance(dtype)`` and return the error.
-
-    ``dtype`` defaults to ``actual.dtype`` (pass float32 for float32 LSEs of 16-bit runs, etc.).
-    """
-    error = relative_error(actual, expected)
-    limit = tolerance(actual.dtype if dtype is None else dtype)
-    if not error <= limit:
-        raise AssertionError(f"{what or 'tensor'}: relative error {error:.3e} > {limit:.0e}")
-    return error
-
-
-def assert_no_worse_than_baseline(
-    actual: torch.Tensor,
-    baseline: torch.Tensor,
-    truth: torch.Tensor,
-    *,
-    kind: str = "output",
-    what: str = "",
-) -> float:
-    """16-bit rule: ``err(actual, truth) <= factor · err(baseline, truth)``, factor 2 (3 for grads).
-
-    ``truth`` is the float64 result; ``baseline`` is plain torch attention run in the same 16-bit
-    dtype as ``actual``. Returns the error of ``actual``.
-    """
-    error, baseline_error = relative_error(actual, truth), relative_error(baseline, truth)
-    factor = BASELINE_FACTOR[kind]
-    if not error <= factor * baseline_error:
-        raise AssertionError(
-            f"{what or kind}: relative error {error:.3e} > {factor}x the naive baseline's "
-            f"{baseline_error:.3e}"
-        )
-    return error
-
-
-# ---- Real code vs oracle: run a method on every rank, compare with ``oracle.simulate`` ----
+__all__ = [
+    "BASELINE_FACTOR",
+    "TOLERANCE",
+    "Case",
+    "Comparison",
+    "assert_close",
+    "assert_no_worse_than_baseline",
+    "compare_with_oracle",
+    "oracle_tolerance",
+    "relative_error",
+    "run_case",
+    "tolerance",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +47,7 @@ class Case:
     """One call of a real method on the global ranks ``members``, with seeded full inputs.
 
     ``ulysses`` is USP's Ulysses degree U; ``decay`` the per-head decay of linear methods;
-    ``backend`` where the blocks are computed (DESIGN §4).
+    ``backend`` where the blocks are computed (see Design, *Public API*).
     """
 
     method: str
@@ -148,7 +89,7 @@ class Case:
         )
 
     def options(self, group, mesh) -> dict:
-        """Keyword arguments of the real method: DESIGN §4's signature for ``method``."""
+        """Keyword arguments of the real method: its signature in Design, *Public API*."""
         if self.is_linear:
             return dict(causal=self.causal, decay=self.decay_tensor(), group=group,
                         backend=self.backend)  # fmt: skip
@@ -168,7 +109,8 @@ def run_case(case: Case, group, attention=None, mesh=None) -> dict:
     """On one member rank: forward and backward of ``attention`` on this rank's shards.
 
     ``attention`` defaults to sptutor's ``<case.method>_attention``; pass your own (same
-    keywords, DESIGN §4) to check it. ``mesh`` is the ``make_usp_mesh`` result for usp.
+    keywords; see Design, *Public API*) to check it. ``mesh`` is the ``make_usp_mesh`` result for
+    usp.
     Returns this rank's out, lse (None for linear methods), dq, dk, dv, its message events
     (``CommEvent.key()``) and the bytes autograd saved for backward.
     """
@@ -197,24 +139,71 @@ def run_case(case: Case, group, attention=None, mesh=None) -> dict:
 
 @dataclasses.dataclass
 class Comparison:
-    """How one rank's real results compare with the oracle's."""
+    """How one rank's real results compare with the oracle's.
+
+    ``errors``: relative error of each of out, lse, dq, dk, dv; ``messages`` and
+    ``oracle_messages``: the message events (``CommEvent.key()``) each side logged;
+    ``saved_bytes`` and ``oracle_saved_bytes``: what each kept for backward.
+    """
 
     rank: int
     errors: dict[str, float]
-    ledger_match: bool
+    messages: list[tuple]
+    oracle_messages: list[tuple]
     saved_bytes: int
     oracle_saved_bytes: int
 
-    def problems(self, dtype: torch.dtype) -> list[str]:
-        """What breaks DESIGN §7's tolerance, the ledger or the saved bytes (empty if nothing)."""
-        found = [
-            f"{name} error {e:.2e}" for name, e in self.errors.items() if not e <= tolerance(dtype)
+    @property
+    def ledger_match(self) -> bool:
+        """Did this rank log exactly the oracle's messages, in order?"""
+        return self.messages == self.oracle_messages
+
+    def numerical_problems(self, dtype: torch.dtype) -> list[str]:
+        """The tensors whose error breaks the tolerance for ``dtype`` (the inputs' dtype; the
+        LSE is judged in its own accumulation dtype: float32 for 16-bit inputs)."""
+        lse_dtype = blocks.accumulation_dtype(dtype)
+        return [
+            f"{name} error {e:.2e} > {oracle_tolerance(lse_dtype if name == 'lse' else dtype):.0e}"
+            for name, e in self.errors.items()
+            if not e <= oracle_tolerance(lse_dtype if name == "lse" else dtype)
         ]
+
+    def ledger_difference(self) -> str | None:
+        """Where this rank's messages first differ from the oracle's, in words (None if equal)."""
+        if self.ledger_match:
+            return None
+        if not self.messages:
+            return (f"no message was logged, the oracle sends {len(self.oracle_messages)} "
+                    "(messages are seen only when sent through sptutor.comm or logged with "
+                    "sptutor.ledger.log)")  # fmt: skip
+        for index, (yours, expected) in enumerate(zip(self.messages, self.oracle_messages)):
+            if yours != expected:
+                return f"message {index} is {yours}, the oracle's is {expected}"
+        return f"{len(self.messages)} messages logged, the oracle's {len(self.oracle_messages)}"
+
+    def problems(self, dtype: torch.dtype) -> list[str]:
+        """Everything that differs from the oracle: numerics, the ledger and the saved bytes
+        (empty if nothing). sptutor's own methods must match all three exactly; for code
+        written elsewhere only :meth:`numerical_problems` says right or wrong."""
+        found = self.numerical_problems(dtype)
         if not self.ledger_match:
-            found.append("ledger differs from the oracle's")
+            found.append(f"ledger differs: {self.ledger_difference()}")
         if self.saved_bytes != self.oracle_saved_bytes:
             found.append(f"saved {self.saved_bytes} bytes, oracle {self.oracle_saved_bytes}")
         return [f"rank {self.rank}: {problem}" for problem in found]
+
+    def report(self, dtype: torch.dtype) -> str:
+        """One paragraph for a person: numerics first (pass or fail), then messages and memory
+        labelled as information (a correct implementation may send and keep other things)."""
+        failing = self.numerical_problems(dtype)
+        worst = max(self.errors, key=self.errors.get)
+        verdict = f"matches the oracle (largest error {self.errors[worst]:.1e}, in {worst})"
+        if failing:
+            verdict = f"FAILS the oracle: {'; '.join(failing)}"
+        messages = self.ledger_difference() or "the same as the oracle's"
+        saved = f"{self.saved_bytes} bytes, the oracle {self.oracle_saved_bytes}"
+        return (f"rank {self.rank}: {verdict}\n  information: messages: {messages}; "
+                f"saved for backward: {saved}")  # fmt: skip
 
 
 def compare_with_oracle(case: Case, per_rank: dict[int, dict]) -> list[Comparison]:
@@ -230,7 +219,7 @@ def compare_with_oracle(case: Case, per_rank: dict[int, dict]) -> list[Compariso
         real, expected = per_rank[rank], sim.ranks[local]
         errors = {name: relative_error(real[name], getattr(expected, name)) for name in names}
         oracle_messages = [_to_global(e.key(), case.members) for e in sim.ledger.messages(local)]
-        comparisons.append(Comparison(rank, errors, real["messages"] == oracle_messages,
+        comparisons.append(Comparison(rank, errors, real["messages"], oracle_messages,
                                       real["saved"], expected.saved_bytes))  # fmt: skip
     return comparisons
 

@@ -1,9 +1,10 @@
 """DeepSpeed-Ulysses on ``torch.distributed``: all-to-all from sequence to heads, local attention,
 all-to-all back.
 
+The Ulysses degree U is the number of ranks that split the heads: here all of the group (U = W).
 Forward: this rank holds S/W tokens of every head. One all-to-all per tensor (q, k, v) scatters the
 heads and gathers the sequence, so group rank j holds all S tokens of head group j (heads
-``[j·H/W, (j+1)·H/W)``), in group-rank order: its positions are ``cat(positions[0..W-1])``.
+``[j·H/U, (j+1)·H/U)``), in group-rank order: its positions are ``cat(positions[0..W-1])``.
 It runs full-sequence attention on its heads (masks from those global positions, so every layout
 works), and one more all-to-all sends each rank's tokens of ``out`` back: heads -> sequence.
 
@@ -13,63 +14,59 @@ dv back (heads -> sequence). Gradients go on the wire in the input dtype, like o
 final when sent (the local backward summed over every key), so rounding before or after the
 all-to-all is the same rounding, and the four backward all-to-alls cost what the four forward do.
 
-GQA: K/V heads split over the ranks when ``Hkv % W == 0``. When ``W % Hkv == 0`` (fewer K/V heads
-than ranks, e.g. MQA) each K/V head is first replicated W/Hkv times, so rank j gets replica j = K/V
-head ``j // (W/Hkv)``: exactly the head its query heads need under GQA's ``h // (Hq/Hkv)``. The
-replicas' dK, dV are summed after the backward all-to-all.
+GQA: K/V heads split over the ranks when ``Hkv % U == 0``. When ``U % Hkv == 0`` (fewer K/V heads
+than ranks, e.g. MQA) each K/V head is first replicated U/Hkv times, so rank j gets replica j = K/V
+head ``j // (U/Hkv)``: exactly the head its query heads need under GQA's ``h // (Hq/Hkv)``. The
+replicas' dK, dV are summed after the backward all-to-all (``sptutor.heads``).
 
-Mirrors ``oracle/ulysses.py`` step for step; here each process is one rank. ``sptutor/usp.py``
-reuses the all-to-all steps here.
+Mirrors ``oracle/ulysses.py`` step for step; here each process is one rank.
+``sptutor/usp.py`` runs the all-to-all steps here inside its ulysses group of U ranks (there the
+gathered sequence is the group's S/R tokens, not all S).
 """
 
 from __future__ import annotations
 
 import torch
 
-from sptutor import backends, blocks, comm
+from sptutor import backends, comm, heads
 from sptutor.checks import check_qkv, check_ulysses_heads
 
 
-def _replicas(heads_kv: int, degree: int) -> int:
-    """How many copies of each K/V head go on the wire: W/Hkv when Hkv < W, else 1."""
-    return max(1, degree // heads_kv)
-
-
 def _seq_to_heads(x, group, *, phase):
-    """One all-to-all, sequence -> heads: x: (B, S/W, H, D) -> (B, S, H/W, D).
+    """One all-to-all, sequence -> heads: x: (B, S/W, H, D) -> (B, S, H/U, D).
 
-    This rank sends its head group j to group rank j, and concatenates the W pieces it receives in
+    This rank sends its head group j to group rank j, and concatenates the U pieces it receives in
     group-rank order.
     """
-    _, W = comm.rank_and_size(group)
+    _, degree = comm.rank_and_size(group)
     B, S_local, H, D = x.shape
-    # (B, S/W, H, D) -> (B, S/W, W, H/W, D) -> W x (B, S/W, H/W, D), piece j for rank j
-    chunks = list(x.reshape(B, S_local, W, H // W, D).unbind(2))
+    # (B, S/W, H, D) -> (B, S/W, U, H/U, D) -> U x (B, S/W, H/U, D), piece j for rank j
+    chunks = list(x.reshape(B, S_local, degree, H // degree, D).unbind(2))
     received = comm.all_to_all(chunks, group, phase=phase)
-    return torch.cat(received, dim=1)  # (B, S, H/W, D)
+    return torch.cat(received, dim=1)  # (B, S, H/U, D)
 
 
 def _heads_to_seq(x, group, *, phase):
-    """One all-to-all, heads -> sequence: x: (B, S, H/W, D) -> (B, S/W, H, D).
+    """One all-to-all, heads -> sequence: x: (B, S, H/U, D) -> (B, S/W, H, D).
 
     This rank sends group rank i its tokens (the i-th S/W slice) of our head group, and stacks the
     head groups it receives.
     """
-    _, W = comm.rank_and_size(group)
-    chunks = list(x.chunk(W, dim=1))  # W x (B, S/W, H/W, D)
+    _, degree = comm.rank_and_size(group)
+    chunks = list(x.chunk(degree, dim=1))  # U x (B, S/W, H/U, D)
     received = comm.all_to_all(chunks, group, phase=phase)
     return torch.cat(received, dim=2)  # (B, S/W, H, D)
 
 
 def _qkv_to_heads(q, k, v, group):
-    """The forward all-to-alls of q, k, v (in that order), K/V heads replicated when Hkv < W.
+    """The forward all-to-alls of q, k, v (in that order), K/V heads replicated when Hkv < U.
 
     q: (B, S/W, Hq, D); k, v: (B, S/W, Hkv, D).
-    Returns q: (B, S, Hq/W, D) and k, v: (B, S, max(Hkv/W, 1), D).
+    Returns q: (B, S, Hq/U, D) and k, v: (B, S, max(Hkv/U, 1), D).
     """
-    replicas = _replicas(k.shape[2], comm.rank_and_size(group)[1])
+    replicas = heads.replicas(k.shape[2], comm.rank_and_size(group)[1])
     # replica j goes to rank j and is K/V head j // rep, the one shared (h // (Hq/Hkv)) by rank j's
-    # query heads j·Hq/W ... (j+1)·Hq/W - 1, since rep = W/Hkv query-head groups fill one K/V group
+    # query heads j·Hq/U ... (j+1)·Hq/U - 1, since rep = U/Hkv query-head groups fill one K/V group
     k = k.repeat_interleave(replicas, dim=2)  # (B, S/W, Hkv·rep, D)
     v = v.repeat_interleave(replicas, dim=2)  # (B, S/W, Hkv·rep, D)
     q_heads = _seq_to_heads(q, group, phase="forward")
@@ -78,36 +75,29 @@ def _qkv_to_heads(q, k, v, group):
     return q_heads, k_heads, v_heads
 
 
-def _sum_replicas(x, replicas):
-    """(B, S/W, Hkv·rep, D) -> (B, S/W, Hkv, rep, D) -> (B, S/W, Hkv, D), added in the
-    accumulation dtype: the gradient of a replicated head is the sum over its replicas.
-    """
-    B, S_local, H, D = x.shape
-    acc = blocks.accumulation_dtype(x.dtype)
-    return x.reshape(B, S_local, H // replicas, replicas, D).sum(dim=3, dtype=acc).to(x.dtype)
-
-
 def _grads_to_seq(dq, dk, dv, heads_kv, group):
     """The backward all-to-alls of dq, dk, dv (in that order), then the K/V replicas summed.
 
-    dq: (B, S, Hq/W, D); dk, dv: (B, S, max(Hkv/W, 1), D); heads_kv: Hkv before replication.
+    dq: (B, S, Hq/U, D); dk, dv: (B, S, max(Hkv/U, 1), D); heads_kv: Hkv before replication.
     Returns dq: (B, S/W, Hq, D) and dk, dv: (B, S/W, Hkv, D).
     """
-    replicas = _replicas(heads_kv, comm.rank_and_size(group)[1])
+    replicas = heads.replicas(heads_kv, comm.rank_and_size(group)[1])
     dq = _heads_to_seq(dq, group, phase="backward")
     dk = _heads_to_seq(dk, group, phase="backward")
     dv = _heads_to_seq(dv, group, phase="backward")
-    return dq, _sum_replicas(dk, replicas), _sum_replicas(dv, replicas)
+    dk = heads.sum_replicas(dk, replicas)  # (B, S/W, Hkv, D)
+    dv = heads.sum_replicas(dv, replicas)  # (B, S/W, Hkv, D)
+    return dq, dk, dv
 
 
 def _lse_to_seq(lse_heads, group):
     """This rank's LSE for its own tokens: one more all-to-all, heads -> sequence.
 
-    lse_heads: (B, Hq/W, S), our head group over the gathered sequence.
+    lse_heads: (B, Hq/U, S), our head group over the gathered sequence.
     Returns (B, Hq, S/W). Sent only for ``return_lse=True`` (Ulysses itself never needs it; the
     oracle's ``_lse_for_checking`` reads the same numbers without a message).
     """
-    # (B, Hq/W, S) -> (B, S, Hq/W, 1) -> (B, S/W, Hq, 1) -> (B, Hq, S/W)
+    # (B, Hq/U, S) -> (B, S, Hq/U, 1) -> (B, S/W, Hq, 1) -> (B, Hq, S/W)
     as_tokens = lse_heads.transpose(1, 2).unsqueeze(-1)
     lse = _heads_to_seq(as_tokens, group, phase="forward").squeeze(-1).transpose(1, 2)
     return lse.contiguous()
@@ -117,15 +107,16 @@ def _forward(q, k, v, positions, causal, scale, group, backend):
     """q: (B, S/W, Hq, D); k, v: (B, S/W, Hkv, D); positions: W x (S/W,), every group rank's.
 
     Returns out: (B, S/W, Hq, D) in q's dtype, and what this rank keeps for backward, all in the
-    heads layout: q: (B, S, Hq/W, D), k, v: (B, S, max(Hkv/W, 1), D), out like q, lse:
-    (B, Hq/W, S).
+    heads layout: q: (B, S, Hq/U, D), k, v: (B, S, max(Hkv/U, 1), D), out like q, lse:
+    (B, Hq/U, S).
     """
     sequence = torch.cat(positions)  # (S,) the gathered tokens, in group-rank order
     q_heads, k_heads, v_heads = _qkv_to_heads(q, k, v, group)
-    out, lse = backends.attention_forward(
+    # full-sequence attention on this rank's heads
+    out_heads, lse_heads = backends.attention_forward(
         backend, q_heads, k_heads, v_heads, sequence, sequence, causal, scale
-    )  # full-sequence attention on this rank's heads
-    out_heads, lse_heads = out.to(q.dtype), lse  # (B, S, Hq/W, D), (B, Hq/W, S)
+    )
+    out_heads = out_heads.to(q.dtype)  # (B, S, Hq/U, D), sent in q's dtype
     out = _heads_to_seq(out_heads, group, phase="forward")
     return out, (q_heads, k_heads, v_heads, out_heads, lse_heads)
 
@@ -137,13 +128,13 @@ def _backward(dout, saved, positions, causal, scale, heads_kv, group, backend):
     """
     sequence = torch.cat(positions)  # (S,)
     q_heads, k_heads, v_heads, out_heads, lse_heads = saved
-    dout_heads = _seq_to_heads(dout, group, phase="backward")  # (B, S, Hq/W, D)
+    dout_heads = _seq_to_heads(dout, group, phase="backward")  # (B, S, Hq/U, D)
     grads = backends.attention_backward(
         backend, dout_heads, q_heads, k_heads, v_heads, out_heads, lse_heads,
         sequence, sequence, causal, scale,
     )  # fmt: skip
     # final gradients, sent in the input dtype (see the module docstring)
-    dq_heads, dk_heads, dv_heads = (g.to(dout.dtype) for g in grads)  # (B, S, H/W, D)
+    dq_heads, dk_heads, dv_heads = (g.to(dout.dtype) for g in grads)
     return _grads_to_seq(dq_heads, dk_heads, dv_heads, heads_kv, group)
 
 
@@ -187,14 +178,15 @@ def ulysses_attention(
     """DeepSpeed-Ulysses over the ranks of ``group``; call on every rank with its own shards.
 
     q: (B, S/W, Hq, D) this rank's queries; k, v: (B, S/W, Hkv, D) its keys and values, as
-    ``sptutor.layout.shard(x, world=W, layout=layout)[rank]`` makes them. Needs ``Hq % W == 0``
-    and ``Hkv % W == 0`` or ``W % Hkv == 0`` (K/V heads replicated).
+    ``sptutor.layout.shard(x, world=W, layout=layout)[rank]`` makes them. The heads split over
+    all U = W ranks: needs ``Hq % U == 0`` and ``Hkv % U == 0`` or ``U % Hkv == 0`` (K/V heads
+    replicated).
     Returns out: (B, S/W, Hq, D) this rank's output (differentiable), and with ``return_lse`` also
     lse: (B, Hq, S/W) (detached, float32; float64 for float64 inputs), which costs one more
     all-to-all (heads -> sequence).
     """
-    _, W = comm.rank_and_size(group)
-    _check_inputs(q, k, v, W)
+    _, degree = comm.rank_and_size(group)
+    _check_inputs(q, k, v, degree)
     positions, backend, scale = backends.prepare(
         "ulysses", q, k, group=group, causal=causal, layout=layout, backend=backend, scale=scale,
         return_lse=return_lse,

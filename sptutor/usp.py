@@ -22,18 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from sptutor import backends, comm, ring, ulysses
+from sptutor import backends, comm, heads, ring, ulysses
 from sptutor.mesh import UspMesh, check_mesh_sizes
-
-
-def _ring_positions(positions, degree):
-    """R x (S/R,): every ring rank's positions after the all-to-all, its ulysses group's
-    concatenated (= the tokens that ring rank owns under the layout).
-
-    positions: W x (S/W,) every mesh rank's, ``rank = ring_index·U + ulysses_index``.
-    """
-    ulysses_groups = [positions[i : i + degree] for i in range(0, len(positions), degree)]
-    return [torch.cat(members) for members in ulysses_groups]
 
 
 def _forward(q, k, v, positions, causal, scale, mesh, backend):
@@ -43,12 +33,13 @@ def _forward(q, k, v, positions, causal, scale, mesh, backend):
     heads layout: q: (B, S/R, Hq/U, D), k, v: (B, S/R, max(Hkv/U, 1), D), out like q,
     lse: (B, Hq/U, S/R).
     """
+    ring_positions = heads.gathered_positions(positions, mesh.ulysses)  # R x (S/R,)
     # sequence -> heads inside the ulysses group: (B, S/W, H, D) -> (B, S/R, H/U, D)
     q_heads, k_heads, v_heads = ulysses._qkv_to_heads(q, k, v, mesh.ulysses_group)
+    # ring attention over the ring group, on those tokens and heads
     out_heads, lse_heads = ring._forward(
-        q_heads, k_heads, v_heads, _ring_positions(positions, mesh.ulysses),
-        causal, scale, mesh.ring_group, backend,
-    )  # fmt: skip
+        q_heads, k_heads, v_heads, ring_positions, causal, scale, mesh.ring_group, backend
+    )
     # heads -> sequence: (B, S/R, Hq/U, D) -> (B, S/W, Hq, D)
     out = ulysses._heads_to_seq(out_heads, mesh.ulysses_group, phase="forward")
     return out, (q_heads, k_heads, v_heads, out_heads, lse_heads)
@@ -59,12 +50,14 @@ def _backward(dout, saved, positions, causal, scale, heads_kv, mesh, backend):
 
     Returns dq: (B, S/W, Hq, D) and dk, dv: (B, S/W, Hkv, D), in dout's dtype.
     """
+    ring_positions = heads.gathered_positions(positions, mesh.ulysses)  # R x (S/R,)
     # sequence -> heads: (B, S/W, Hq, D) -> (B, S/R, Hq/U, D)
     dout_heads = ulysses._seq_to_heads(dout, mesh.ulysses_group, phase="backward")
+    # the ring backward over the ring group
     dq_heads, dk_heads, dv_heads = ring._backward(
-        dout_heads, *saved, _ring_positions(positions, mesh.ulysses),
-        causal, scale, mesh.ring_group, backend,
-    )  # fmt: skip
+        dout_heads, *saved, ring_positions, causal, scale, mesh.ring_group, backend
+    )
+    # heads -> sequence, K/V replicas summed: (B, S/R, H/U, D) -> (B, S/W, H, D)
     return ulysses._grads_to_seq(dq_heads, dk_heads, dv_heads, heads_kv, mesh.ulysses_group)
 
 

@@ -24,12 +24,15 @@ def tensors(seed: int, *shapes: tuple[int, ...], dtype=torch.float64) -> list[to
 
 
 @st.composite
-def world_and_seq(draw, max_world: int = 8, max_chunk: int = 3) -> tuple[int, str, int]:
-    """(W, layout, S) with S divisible as the layout needs."""
+def world_and_seq(
+    draw, max_world: int = 8, max_chunk: int = 3, min_seq_len: int = 1
+) -> tuple[int, str, int]:
+    """(W, layout, S) with S divisible as the layout needs, S >= min_seq_len."""
     world = draw(st.integers(1, max_world))
     lay = draw(st.sampled_from(layout.LAYOUTS))
     unit = 2 * world if lay == "zigzag" else world
-    return world, lay, unit * draw(st.integers(1, max_chunk))
+    fewest = -(-min_seq_len // unit)  # the fewest units that reach min_seq_len
+    return world, lay, unit * draw(st.integers(fewest, fewest + max_chunk - 1))
 
 
 @st.composite

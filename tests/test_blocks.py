@@ -2,18 +2,20 @@
 
 import math
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sptutor import blocks
+from sptutor import blocks, work
 from sptutor.oracle import reference
-from sptutor.testing import relative_error
+from sptutor.testing import assert_no_worse_than_baseline, relative_error
 from tests.strategies import heads, positions, tensors
 
 # Everything here is float64 and the same math reordered: errors are ~1e-16 relative; 1e-12 leaves
 # room for the growth of sums over a few dozen terms while any real mistake shows as >1e-3.
 TIGHT = 1e-12
+FLOAT32 = 1e-5  # float32 results: the design's float32 tolerance (justified where it is used)
 
 
 @st.composite
@@ -172,20 +174,42 @@ def test_block_backward_summed_over_any_split_equals_autograd(case, data):
         assert relative_error(got, expected) <= TIGHT
 
 
-def test_16_bit_blocks_accumulate_in_float32():
-    """fp16 inputs give float32 out and lse (the accumulation dtype), close to the float64 truth."""
-    q, k, v = tensors(5, (1, 16, 2, 8), (1, 16, 2, 8), (1, 16, 2, 8))
-    pos = torch.arange(16)
-    out, lse = blocks.attention_block(q.half(), k.half(), v.half(), pos, pos, True, 8**-0.5)
+@given(block_case(), st.sampled_from([torch.float16, torch.bfloat16]))
+def test_16_bit_blocks_accumulate_in_float32(case, dtype):
+    """16-bit blocks equal float64 attention on the same rounded inputs to float32 rounding."""
+    c = case
+    q, k, v = (c[name].to(dtype) for name in ("q", "k", "v"))
+    out, lse = blocks.attention_block(q, k, v, c["q_pos"], c["k_pos"], c["causal"], c["scale"])
     assert out.dtype == lse.dtype == torch.float32
-    expected_out, _ = reference.full_attention(q, k, v, causal=True)
-    # inputs rounded to fp16 (unit roundoff 4.9e-4) dominate the error
-    assert relative_error(out, expected_out) <= 5e-3
+    expected_out, expected_lse = reference.full_attention(
+        q.double(), k.double(), v.double(), causal=c["causal"], scale=c["scale"],
+        q_pos=c["q_pos"], k_pos=c["k_pos"],
+    )  # fmt: skip
+    # the rounded inputs are exact in float64, so only float32 rounding (6e-8) of sums over <= 24
+    # terms is left: at most 2e-6 in 400 draws (outputs that cancel); one 16-bit rounding of a
+    # score or a probability alone costs 2.4e-4 (fp16) or 2e-3 (bf16) of it, so 1e-5 tells
+    # float32 accumulation from 16-bit
+    assert relative_error(out, expected_out) <= FLOAT32
+    assert relative_error(lse, expected_lse) <= FLOAT32
+
+
+def test_an_overflowed_16_bit_baseline_is_refused_not_passed():
+    """The 16-bit rule refuses a baseline that overflowed, instead of passing any answer."""
+    q, k, v = tensors(0, (1, 16, 2, 64), (1, 16, 2, 64), (1, 16, 2, 64))
+    q, k = 100 * q, 100 * k  # q·k ~ 1e4·8: past float16's 65504 for many pairs
+    truth_out, truth_lse = reference.full_attention(q, k, v)
+    base_out, base_lse = reference.full_attention(q.half(), k.half(), v.half())
+    pos = torch.arange(16)
+    out, lse = blocks.attention_block(q.half(), k.half(), v.half(), pos, pos, False, 64**-0.5)
+    assert bool(torch.isinf(base_lse).any()) and bool(torch.isfinite(lse).all())
+    for got, base, want in ((lse + 100, base_lse, truth_lse), (out, base_out, truth_out)):
+        with pytest.raises(AssertionError, match="the naive baseline overflowed"):
+            assert_no_worse_than_baseline(got, base, want)
 
 
 def test_attention_macs_count_visible_pairs():
     """Useful MACs = 2·B·Hq·D·(visible pairs): causal halves-plus-diagonal of a square block."""
     pos = torch.arange(4)
-    assert blocks.attention_macs(pos, pos, False, 2, 3, 5) == 2 * 2 * 3 * 5 * 16
-    assert blocks.attention_macs(pos, pos, True, 2, 3, 5) == 2 * 2 * 3 * 5 * 10
-    assert blocks.attention_macs(pos, pos + 4, True, 1, 1, 1) == 0
+    assert work.attention_macs(pos, pos, False, 2, 3, 5) == 2 * 2 * 3 * 5 * 16
+    assert work.attention_macs(pos, pos, True, 2, 3, 5) == 2 * 2 * 3 * 5 * 10
+    assert work.attention_macs(pos, pos + 4, True, 1, 1, 1) == 0

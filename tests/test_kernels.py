@@ -92,27 +92,66 @@ def test_forward_and_backward_equal_the_float64_block_math(dtype, case):
         out, lse = kernels.flash_attention_forward(q, k, v, **options)
         grads = kernels.flash_attention_backward(dout, q, k, v, out_arg, lse_arg, **options)
     # float64: the same math reordered (1e-10); float32: fp32 rounding of sums over <= 72 terms,
-    # exact fp32 products (input_precision="ieee"), well inside 1e-5 (DESIGN §7)
+    # exact fp32 products (input_precision="ieee"), well inside the design's 1e-5
     assert out.dtype == dtype and lse.dtype == dtype
     assert_close(out, expected_out, dtype=dtype, what="out")
     assert_close(lse, expected_lse, dtype=dtype, what="lse")
     for name, got, want, torch_got in zip(("dq", "dk", "dv"), grads, expected_grads, torch_grads):
-        if name == "dv" or sees_two_keys(c):
-            assert_gradient_close(got, want, torch_got, dtype=dtype, what=name)
+        if name == "dv":
+            assert_close(got, want, dtype=dtype, what=name)
+        elif sees_two_keys(c):
+            cancels = dtype == torch.float32 and cancellation(c, name, want) > ILL_CONDITIONED
+            assert_gradient_close(got, want, torch_got, dtype=dtype, what=name, cancels=cancels)
 
 
-def assert_gradient_close(got, want, torch_got, *, dtype, what):
-    """DESIGN §7's tolerance, or, where it fails, no worse than torch's block math in ``dtype``.
+# float32 rounds each of n terms by ~6e-8 of its size, ~sqrt(n)·6e-8 of their summed sizes
+# (n <= 72 here): while the terms cancel less than 20-fold that stays near 1e-5 of the result or
+# below (sptutor.blocks in float32 measured at most 1.7e-6 there, on 600 random and 12000
+# near-one-hot two-token draws)
+ILL_CONDITIONED = 20
+
+
+def assert_gradient_close(got, want, torch_got, *, dtype, what, cancels):
+    """The design's tolerance; where the terms cancel (``cancels``) and it fails, no worse than
+    torch's block math in ``dtype``.
 
     dq and dk sum ``P ⊙ (dP - delta)`` terms that cancel: when softmax rows are nearly one-hot
     the exact gradient is tiny next to its terms and float32 rounding alone nears 1e-5 relative
     (a 2-token causal case: ``sptutor.blocks`` in float32 7e-6, the kernel 1.04e-5). There the
-    bar is ``sptutor.blocks`` run in the same dtype, with the gradient factor 3 of DESIGN §7.
+    bar is ``sptutor.blocks`` run in the same dtype, with the design's gradient factor 3;
+    everywhere else the fixed tolerance holds.
     """
+    if not cancels:
+        assert_close(got, want, dtype=dtype, what=what)
+        return
     try:
         assert_close(got, want, dtype=dtype, what=what)
     except AssertionError:
         assert_no_worse_than_baseline(got.cpu(), torch_got, want, kind="gradient", what=what)
+
+
+def cancellation(c, name: str, exact: torch.Tensor) -> float:
+    """How much the terms of dq (or dk) cancel: ‖the sum of their absolute values‖ / ‖exact‖,
+    in float64 (1: not at all). dq = scale·(P ⊙ (dP - delta))·K, dk = scale·(P ⊙ (dP - delta))ᵀ·Q
+    with dP = dout·Vᵀ and delta = rowsum(dout ⊙ out); float32 rounding of the terms reaches the
+    relative error multiplied by this factor."""
+    q, dout, scale = c["q"], c["dout"], c["scale"]
+    group = q.shape[2] // c["k"].shape[2]
+    k, v = (c[n].repeat_interleave(group, dim=2) for n in ("k", "v"))  # (B, S_k, Hq, D)
+    options = dict(q_pos=c["q_pos"], k_pos=c["k_pos"], causal=c["causal"], scale=scale)
+    out, lse = reference.full_attention(q, c["k"], c["v"], **options)
+    visible = blocks.visible_pairs(c["q_pos"], c["k_pos"], c["causal"])
+    scores = (torch.einsum("bqhd,bkhd->bhqk", q, k) * scale).masked_fill(~visible, -torch.inf)
+    probs = torch.exp(scores - torch.nan_to_num(lse, neginf=0.0)[..., None])  # (B, Hq, S_q, S_k)
+    dprobs = torch.einsum("bqhd,bkhd->bhqk", dout.abs(), v.abs())
+    delta = (dout * out).abs().sum(-1).transpose(1, 2)[..., None]  # (B, Hq, S_q, 1)
+    dscores = scale * probs * (dprobs + delta)  # |terms| of dS
+    if name == "dq":
+        terms = torch.einsum("bhqk,bkhd->bqhd", dscores, k.abs())  # (B, S_q, Hq, D)
+    else:
+        terms = torch.einsum("bhqk,bqhd->bkhd", dscores, q.abs())  # (B, S_k, Hq, D)
+        terms = blocks.group_query_heads(terms, c["k"].shape[2]).sum(3)  # (B, S_k, Hkv, D)
+    return (torch.linalg.vector_norm(terms) / torch.linalg.vector_norm(exact)).item()
 
 
 def sees_two_keys(c) -> bool:
@@ -145,7 +184,7 @@ def test_block_gradients_with_the_final_out_and_lse_add_up_to_full_attention(cas
             q_pos=c["q_pos"], k_pos=c["k_pos"][part], **options,
         )  # fmt: skip
         dq, dk, dv = dq + block_dq.cpu(), [*dk, block_dk.cpu()], [*dv, block_dv.cpu()]
-    # float64, the same sums reordered: 1e-10 (DESIGN §7)
+    # float64, the same sums reordered: the design's float64 tolerance (1e-10)
     assert_close(torch.cat(dv, dim=1), v.grad, what="dv")
     if sees_two_keys(c):
         assert_close(dq, q.grad, what="dq")
@@ -169,7 +208,7 @@ def full_attention_with_grads(q, k, v, dout, **options):
 )
 def test_float16_is_no_worse_than_plain_attention_in_float16(shapes, lay, causal):
     """fp16 out, lse, dq, dk, dv vs float64 truth: within 2x (3x for gradients) the error of
-    plain torch attention in fp16 (DESIGN §7: no fixed tolerance is honest for 16-bit)."""
+    plain torch attention in fp16 (the design's 16-bit rule: no fixed tolerance is honest)."""
     batch, seq_len, heads_q, heads_kv, head_dim = shapes
     q_shape, kv_shape = (batch, seq_len, heads_q, head_dim), (batch, seq_len, heads_kv, head_dim)
     q, k, v, dout = tensors(3, q_shape, kv_shape, kv_shape, q_shape)
@@ -189,7 +228,7 @@ def test_float16_is_no_worse_than_plain_attention_in_float16(shapes, lay, causal
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bfloat16 needs a GPU (interpreter)")
 def test_bfloat16_is_no_worse_than_plain_attention_in_bfloat16():
-    """bf16 on a GPU: the same baseline rule as fp16 (DESIGN §7)."""
+    """bf16 on a GPU: the same baseline rule as fp16 (the design's 16-bit rule)."""
     shape = (2, 300, 4, 64)
     q, k, v, dout = tensors(4, shape, shape, shape, shape)
     truth = full_attention_with_grads(q, k, v, dout, causal=True)
@@ -229,7 +268,7 @@ def test_fully_masked_tile_pairs_are_never_loaded():
     _, got_dk, got_dv = kernels.flash_attention_backward(
         *on_device(dout_poisoned, q_poisoned, k, v, out, lse, dtype=torch.float64), **options
     )
-    # float64, the same math: 1e-10 (DESIGN §7); a visited poisoned tile would give NaN
+    # float64, the same math: the design's 1e-10; a visited poisoned tile would give NaN
     assert_close(got_out[:, early], out[:, early], what="out of query tile 0")
     assert_close(got_dq[:, early], expected[0][:, early], what="dq of query tile 0")
     assert_close(got_dk[:, late], expected[1][:, late], what="dk of key tile 1")

@@ -1,4 +1,4 @@
-"""The linear-attention kernels (sptutor.kernels) against sptutor.blocks' chunk math and the
+"""The linear-attention kernels (sptutor.kernels) against sptutor.chunks' chunk math and the
 ground truth (the design's state convention, Design, *Linear attention*).
 
 Without CUDA they run under the Triton interpreter with 16-token sub-chunks, so a chunk of up to
@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sptutor import blocks, kernels
+from sptutor import chunks, kernels
 from sptutor.oracle import reference
 from sptutor.testing import assert_close, assert_no_worse_than_baseline
 from tests.helpers import state_after
@@ -38,29 +38,29 @@ def linear_case(draw):
 
 
 def expected_chunk(c):
-    """out, state_out, dq, dk, dv, dstate_in of the chunk, by sptutor.blocks in float64."""
+    """out, state_out, dq, dk, dv, dstate_in of the chunk, by sptutor.chunks in float64."""
     q, k, v, dout, state, dstate_out = (
         c[n] for n in ("q", "k", "v", "dout", "state", "dstate_out")
     )
     if c["causal"]:
-        out, state_out = blocks.linear_chunk_forward(q, k, v, state, c["decay"])
-        grads = blocks.linear_chunk_backward(dout, dstate_out, q, k, v, state, c["decay"])
+        out, state_out = chunks.forward(q, k, v, state, c["decay"])
+        grads = chunks.backward(dout, dstate_out, q, k, v, state, c["decay"])
         return out, state_out, *grads
     # non-causal: the queries read the state plus the chunk's own K^T V (kernels' docstring)
-    local = blocks.linear_local_state(k, v, None, heads_q=q.shape[2])
+    local = chunks.local_state(k, v, None, heads_q=q.shape[2])
     total = local if state is None else state + local
-    dtotal = blocks.linear_local_dstate(q, dout, None)
+    dtotal = chunks.local_dstate(q, dout, None)
     dtotal = dtotal if dstate_out is None else dtotal + dstate_out
-    dk, dv = blocks.linear_local_state_backward(dtotal, k, v, None)
-    dq = blocks.linear_readout_backward(dout, total, None)
-    return blocks.linear_readout(q, total, None), total, dq, dk, dv, dtotal
+    dk, dv = chunks.local_state_backward(dtotal, k, v, None)
+    dq = chunks.readout_backward(dout, total, None)
+    return chunks.readout(q, total, None), total, dq, dk, dv, dtotal
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @settings(max_examples=5)
 @given(case=linear_case())
 def test_forward_and_backward_equal_the_float64_chunk_math(dtype, case):
-    """out, KV_out, dq, dk, dv, dKV_p0 equal blocks' chunk forward/backward (with and without a
+    """out, KV_out, dq, dk, dv, dKV_p0 equal chunks.forward/backward (with and without a
     decay, state in, dstate out; causal and not; GQA/MQA); every output element is written."""
     c = case
     q, k, v, dout = on_device(c["q"], c["k"], c["v"], c["dout"], dtype=dtype)

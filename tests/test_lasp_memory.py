@@ -14,7 +14,7 @@ CHILD = r"""
 import os, resource, sys, tempfile
 import torch
 import torch.distributed as dist
-from sptutor import backends, blocks, lasp_attention
+from sptutor import backends, chunks, lasp_attention
 
 torch.set_num_threads(1)
 CHUNK, CAP = int(sys.argv[1]), int(sys.argv[2])
@@ -31,12 +31,12 @@ def middle_rank(q, k, v, dout, kv_in, dkv_out):
     # what sptutor.lasp does on a rank with a neighbour on each side, torch backend
     chunk = q.shape[1]
     out, local = backends.linear_local_forward("torch", q, k, v, decay, True)
-    blocks.linear_carry(kv_in, local, decay, chunk)
-    out = out + blocks.linear_readout(q, kv_in, decay)
+    chunks.carry(kv_in, local, decay, chunk)
+    out = out + chunks.readout(q, kv_in, decay)
     dq, dk, dv, local_dstate = backends.linear_local_backward(
         "torch", dout, q, k, v, kv_in, decay, True)
-    blocks.linear_carry(dkv_out, local_dstate, decay, chunk)
-    blocks.linear_local_state_backward(dkv_out, k, v, decay)
+    chunks.carry(dkv_out, local_dstate, decay, chunk)
+    chunks.local_state_backward(dkv_out, k, v, decay)
 
 def single_rank(q, k, v, dout, *_):
     # the real autograd function on a 1-process group: intra-chunk forward and backward

@@ -1,4 +1,4 @@
-"""The ledger (DESIGN §5): wire bytes per op, and recordings that nest and isolate."""
+"""The ledger (Design, *The ledger*): wire bytes per op, and recordings that nest and isolate."""
 
 import pytest
 from hypothesis import given
@@ -8,15 +8,22 @@ from sptutor import ledger
 from sptutor.ledger import CommEvent
 
 
-@given(st.integers(0, 10**6), st.integers(1, 16))
-def test_wire_bytes_follow_the_table(tensor_bytes, world):
-    """wire_bytes is the bandwidth-optimal count of DESIGN §5's table, integer division."""
-    t, w = tensor_bytes, world
-    assert ledger.wire_bytes("send", t, w) == t
-    assert ledger.wire_bytes("all_to_all", t, w) == t * (w - 1) // w
-    assert ledger.wire_bytes("all_gather", t, w) == t * (w - 1)
-    assert ledger.wire_bytes("reduce_scatter", t, w) == t * (w - 1)
-    assert ledger.wire_bytes("all_reduce", t, w) == 2 * t * (w - 1) // w
+@given(st.integers(0, 10**5), st.integers(1, 16))
+def test_collectives_cost_what_their_sends_would(chunk_bytes, world):
+    """Each collective costs what the point-to-point sends it stands for would cost."""
+    # an all-gather sends its chunk to W-1 ranks and a reduce-scatter mirrors it; an all-to-all
+    # sends W-1 of its W chunks; an all-reduce is a reduce-scatter then an all-gather (the ring
+    # algorithm); a group of one sends nothing
+    c, w = chunk_bytes, world
+    send = ledger.wire_bytes("send", c, w)
+    assert ledger.wire_bytes("all_gather", c, w) == (w - 1) * send
+    assert ledger.wire_bytes("reduce_scatter", c, w) == ledger.wire_bytes("all_gather", c, w)
+    assert ledger.wire_bytes("all_to_all", w * c, w) == (w - 1) * send
+    assert ledger.wire_bytes("all_reduce", w * c, w) == (
+        ledger.wire_bytes("reduce_scatter", c, w) + ledger.wire_bytes("all_gather", c, w)
+    )
+    for op in ("all_to_all", "all_gather", "reduce_scatter", "all_reduce"):
+        assert ledger.wire_bytes(op, c, 1) == 0
 
 
 def test_wire_bytes_worked_example():
@@ -26,6 +33,7 @@ def test_wire_bytes_worked_example():
     assert ledger.wire_bytes("all_gather", 1024, 4) == 3072
     assert ledger.wire_bytes("send", 1024, 1) == 1024
     assert ledger.wire_bytes("all_reduce", 1024, 1) == 0
+    assert ledger.wire_bytes("all_to_all", 10, 3) == 6  # 2/3 of 10 bytes, rounded down
 
 
 def test_wire_bytes_rejects_unknown_ops_and_sizes():

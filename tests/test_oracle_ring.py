@@ -1,4 +1,4 @@
-"""The ring-attention oracle: exact, with the message schedule and memory of DESIGN §5."""
+"""The ring-attention oracle: exact, with the design's message schedule and memory."""
 
 import re
 
@@ -8,7 +8,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sptutor import cost, oracle
-from tests.helpers import assert_ledger_matches_cost, assert_simulation_is_exact, softmax_case
+from tests.helpers import (
+    SIXTEEN_BIT_SIZES,
+    assert_16_bit_case_no_worse,
+    assert_ledger_matches_cost,
+    assert_simulation_is_exact,
+    softmax_case,
+)
 from tests.strategies import tensors
 
 
@@ -25,6 +31,13 @@ def test_ring_ledger_and_saved_bytes_equal_the_closed_form(case, dtype):
     sim = oracle.simulate("ring", q, k, v, dout, world=case["world"], causal=case["causal"],
                           layout=case["layout"])  # fmt: skip
     assert_ledger_matches_cost(sim, cost.ring(cost.Shape.of(q, k), case["world"]))
+
+
+@given(softmax_case(**SIXTEEN_BIT_SIZES), st.sampled_from([torch.float16, torch.bfloat16]))
+def test_16_bit_ring_is_no_worse_than_plain_attention(case, dtype):
+    """fp16/bf16 ring: out, lse, dq, dk, dv no worse than plain attention in the same dtype."""
+    # the 16-bit rule (sptutor.testing), at sizes where it is stable (tests.helpers)
+    assert_16_bit_case_no_worse("ring", case, dtype)
 
 
 def test_ring_schedule_message_by_message():

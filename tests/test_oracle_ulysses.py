@@ -11,7 +11,13 @@ from sptutor import cost, layout, oracle
 from sptutor.checks import check_ulysses_heads
 from sptutor.oracle import ulysses
 from sptutor.oracle.world import World
-from tests.helpers import assert_ledger_matches_cost, assert_simulation_is_exact, mesh_case
+from tests.helpers import (
+    SIXTEEN_BIT_SIZES,
+    assert_16_bit_case_no_worse,
+    assert_ledger_matches_cost,
+    assert_simulation_is_exact,
+    mesh_case,
+)
 from tests.strategies import tensors
 
 
@@ -28,6 +34,16 @@ def test_ulysses_ledger_and_saved_bytes_equal_the_closed_form(case, dtype):
     sim = oracle.simulate("ulysses", q, k, v, dout, world=case["world"], causal=case["causal"],
                           layout=case["layout"])  # fmt: skip
     assert_ledger_matches_cost(sim, cost.ulysses(cost.Shape.of(q, k), case["world"]))
+
+
+@given(
+    mesh_case(pure_ulysses=True, **SIXTEEN_BIT_SIZES),
+    st.sampled_from([torch.float16, torch.bfloat16]),
+)
+def test_16_bit_ulysses_is_no_worse_than_plain_attention(case, dtype):
+    """fp16/bf16 Ulysses: out, lse, dq, dk, dv no worse than plain attention in the same dtype."""
+    # the 16-bit rule (sptutor.testing), at sizes where it is stable (tests.helpers)
+    assert_16_bit_case_no_worse("ulysses", case, dtype)
 
 
 def test_ulysses_schedule_message_by_message():
@@ -81,7 +97,7 @@ def test_bad_head_counts_raise_before_any_message(heads_q, heads_kv, world):
 
 
 def test_head_rule_message():
-    """The head rule's message is the one of DESIGN §8."""
+    """The head rule's message is the design's example (Design, *Errors*)."""
     expected = "ulysses needs Hq % U == 0 and (Hkv % U == 0 or U % Hkv == 0), got Hq=4, Hkv=3, U=2"
     with pytest.raises(ValueError, match=re.escape(expected)):
         check_ulysses_heads(4, 3, 2)

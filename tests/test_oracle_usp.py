@@ -11,6 +11,8 @@ from sptutor import cost, oracle
 from sptutor.oracle import usp
 from sptutor.oracle.world import World
 from tests.helpers import (
+    SIXTEEN_BIT_SIZES,
+    assert_16_bit_case_no_worse,
     assert_ledger_matches_cost,
     assert_simulation_is_exact,
     mesh_case,
@@ -49,6 +51,13 @@ def test_usp_ledger_and_saved_bytes_equal_the_closed_form(case, dtype):
                           layout=case["layout"], ulysses=case["ulysses"])  # fmt: skip
     shape, degree = cost.Shape.of(q, k), case["ulysses"]
     assert_ledger_matches_cost(sim, cost.usp(shape, ulysses=degree, ring=case["world"] // degree))
+
+
+@given(mesh_case(**SIXTEEN_BIT_SIZES), st.sampled_from([torch.float16, torch.bfloat16]))
+def test_16_bit_usp_is_no_worse_than_plain_attention(case, dtype):
+    """fp16/bf16 USP: out, lse, dq, dk, dv no worse than plain attention in the same dtype."""
+    # the 16-bit rule (sptutor.testing), at sizes where it is stable (tests.helpers)
+    assert_16_bit_case_no_worse("usp", case, dtype, ulysses=case["ulysses"])
 
 
 @given(mesh_case(pure_ulysses=True))

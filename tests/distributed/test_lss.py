@@ -28,7 +28,7 @@ MEMORY_GRID = [
 @settings(max_examples=2, phases=[Phase.explicit, Phase.generate], deadline=None)
 @given(per_group(lambda members: softmax_cases("lss", members)))
 def test_real_lss_matches_the_oracle(cases):
-    """W 1..4, layouts, causal, GQA/MQA, float64/float32: shards, ledger and saved bytes."""
+    """W 1..4, layouts, causal, GQA/MQA, float64/float32/float16: shards, ledger and saved bytes."""
     results = assert_real_matches_oracle(cases + MEMORY_GRID)
     assert_saved_bytes_formula(MEMORY_GRID, results[len(cases) :])
 

@@ -1,4 +1,4 @@
-"""Linear-attention chunk math (sptutor.blocks) against the ground truth and autograd."""
+"""Linear-attention chunk math (sptutor.chunks) against the ground truth and autograd."""
 
 import itertools
 
@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sptutor import blocks, work
+from sptutor import chunks, work
 from sptutor.oracle import reference
 from sptutor.testing import assert_close, relative_error
 from tests.helpers import state_after
@@ -32,8 +32,8 @@ def chunked_case(draw, max_chunks: int = 4, max_chunk: int = 5):
         (batch, seq_len, heads_q, head_dim),
     )
     starts = [sum(lengths[:n]) for n in range(len(lengths) + 1)]
-    chunks = [slice(a, b) for a, b in itertools.pairwise(starts)]
-    return dict(q=q, k=k, v=v, dout=dout, decay=draw(decays(heads_q)), chunks=chunks)
+    parts = [slice(a, b) for a, b in itertools.pairwise(starts)]
+    return dict(q=q, k=k, v=v, dout=dout, decay=draw(decays(heads_q)), chunks=parts)
 
 
 def run_chain(c):
@@ -41,7 +41,7 @@ def run_chain(c):
     state, outs, states_in = None, [], []
     for part in c["chunks"]:
         states_in.append(state)
-        out, state = blocks.linear_chunk_forward(
+        out, state = chunks.forward(
             c["q"][:, part], c["k"][:, part], c["v"][:, part], state, c["decay"]
         )
         outs.append(out)
@@ -67,7 +67,7 @@ def test_chained_chunk_backward_equals_autograd_of_full_linear_attention(case):
     _, states_in, _ = run_chain(case)
     dstate, grads = None, []
     for part, state in reversed(list(zip(case["chunks"], states_in))):
-        *chunk_grads, dstate = blocks.linear_chunk_backward(
+        *chunk_grads, dstate = chunks.backward(
             case["dout"][:, part], dstate, case["q"][:, part], case["k"][:, part],
             case["v"][:, part], state, case["decay"],
         )  # fmt: skip
@@ -86,9 +86,9 @@ def test_chunk_backward_equals_autograd_including_the_states(case, seed):
     q, k, v, dout, decay = (case[n] for n in ("q", "k", "v", "dout", "decay"))
     batch, _, heads_q, head_dim = q.shape
     state, dstate_out = tensors(seed, *[(batch, heads_q, head_dim, head_dim)] * 2)
-    grads = blocks.linear_chunk_backward(dout, dstate_out, q, k, v, state, decay)
+    grads = chunks.backward(dout, dstate_out, q, k, v, state, decay)
     leaves = [x.clone().requires_grad_() for x in (q, k, v, state)]
-    out, state_out = blocks.linear_chunk_forward(*leaves, decay)
+    out, state_out = chunks.forward(*leaves, decay)
     torch.autograd.backward((out, state_out), (dout, dstate_out))
     for got, leaf in zip(grads, leaves):
         assert_close(got, leaf.grad)
@@ -99,11 +99,11 @@ def test_noncausal_pieces_equal_full_noncausal_attention(case):
     """Sum of local K^T V, read as q·KV_total; backward through the sum of Q^T dO: exact."""
     q, k, v, dout, parts = (case[n] for n in ("q", "k", "v", "dout", "chunks"))
     heads_q = q.shape[2]
-    total = sum(blocks.linear_local_state(k[:, p], v[:, p], None, heads_q=heads_q) for p in parts)
-    out = torch.cat([blocks.linear_readout(q[:, p], total, None) for p in parts], dim=1)
-    dq = torch.cat([blocks.linear_readout_backward(dout[:, p], total, None) for p in parts], dim=1)
-    dtotal = sum(blocks.linear_local_dstate(q[:, p], dout[:, p], None) for p in parts)
-    dkv = [blocks.linear_local_state_backward(dtotal, k[:, p], v[:, p], None) for p in parts]
+    total = sum(chunks.local_state(k[:, p], v[:, p], None, heads_q=heads_q) for p in parts)
+    out = torch.cat([chunks.readout(q[:, p], total, None) for p in parts], dim=1)
+    dq = torch.cat([chunks.readout_backward(dout[:, p], total, None) for p in parts], dim=1)
+    dtotal = sum(chunks.local_dstate(q[:, p], dout[:, p], None) for p in parts)
+    dkv = [chunks.local_state_backward(dtotal, k[:, p], v[:, p], None) for p in parts]
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
     expected = reference.full_linear_attention(*leaves, causal=False)
     expected.backward(dout)
@@ -117,10 +117,10 @@ def test_decay_of_one_is_no_decay_and_16_bit_inputs_accumulate_in_float32():
     """decay=ones equals decay=None exactly; float16 inputs give float32 outputs and states."""
     q, k, v = tensors(0, (1, 5, 2, 3), (1, 5, 1, 3), (1, 5, 1, 3))
     state = tensors(1, (1, 2, 3, 3))[0]
-    with_ones = blocks.linear_chunk_forward(q, k, v, state, torch.ones(2, dtype=torch.float64))
-    without = blocks.linear_chunk_forward(q, k, v, state, None)
+    with_ones = chunks.forward(q, k, v, state, torch.ones(2, dtype=torch.float64))
+    without = chunks.forward(q, k, v, state, None)
     assert all(torch.equal(a, b) for a, b in zip(with_ones, without))
-    out, state_out = blocks.linear_chunk_forward(q.half(), k.half(), v.half(), None, None)
+    out, state_out = chunks.forward(q.half(), k.half(), v.half(), None, None)
     assert out.dtype == state_out.dtype == torch.float32
 
 
@@ -148,7 +148,7 @@ def blocked_case(draw):
         (batch, chunk, heads_kv, head_dim),
         (batch, chunk, heads_q, head_dim),
     )
-    block = draw(st.one_of(st.integers(1, 16), st.just(blocks.LINEAR_BLOCK)))
+    block = draw(st.one_of(st.integers(1, 16), st.just(chunks.SUB_CHUNK)))
     return dict(q=q, k=k, v=v, dout=dout, decay=draw(decays(heads_q)), block=block)
 
 
@@ -157,10 +157,10 @@ def test_blocked_intra_forward_and_backward_equal_the_plain_form(case):
     """Sub-chunks with the state carried between them give the plain C×C intra output and grads."""
     q, k, v, dout, decay, block = (case[n] for n in ("q", "k", "v", "dout", "decay", "block"))
     pairs = [
-        (blocks.linear_chunk_intra_blocked(q, k, v, decay, block),
-         blocks.linear_chunk_intra(q, k, v, decay)),
-        *zip(blocks.linear_chunk_intra_backward_blocked(dout, q, k, v, decay, block),
-             blocks.linear_chunk_intra_backward(dout, q, k, v, decay)),
+        (chunks.intra_blocked(q, k, v, decay, block),
+         chunks.intra(q, k, v, decay)),
+        *zip(chunks.intra_backward_blocked(dout, q, k, v, decay, block),
+             chunks.intra_backward(dout, q, k, v, decay)),
     ]  # fmt: skip
     for name, (blocked, plain) in zip(("out", "dq", "dk", "dv"), pairs):
         assert blocked.shape == plain.shape and blocked.dtype == plain.dtype == torch.float64
@@ -170,11 +170,11 @@ def test_blocked_intra_forward_and_backward_equal_the_plain_form(case):
 
 
 def test_carry_is_a_d_by_d_step_with_decay_powers_in_the_state_dtype():
-    """linear_carry at C = 2^20 builds nothing of size C; decay^C comes from the unrounded decay."""
+    """carry at C = 2^20 builds nothing of size C; decay^C comes from the unrounded decay."""
     decay = torch.tensor([0.9999, 0.5])  # float32; 0.9999 is 1.0 in bfloat16
     state, local = tensors(0, (1, 2, 3, 3), (1, 2, 3, 3), dtype=torch.float32)
     for length in (16384, 2**20):
-        carried = blocks.linear_carry(state, local, decay, length)
+        carried = chunks.carry(state, local, decay, length)
         expected = (decay.double() ** length)[:, None, None] * state.double() + local.double()
         assert carried.dtype == torch.float32
         # float32 roundoff (6e-8) on one product and one sum: 1e-5 as float32 results everywhere;

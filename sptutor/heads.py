@@ -1,0 +1,37 @@
+"""The heads layout of Ulysses (and of USP's ulysses groups), shared by oracle and real code.
+
+After the sequence -> heads all-to-all over U ranks, each rank holds H/U heads of the tokens of its
+whole group. Fewer K/V heads than ranks (``U % Hkv == 0``, e.g. MQA) are replicated U/Hkv times
+before that all-to-all, and their gradients summed after the one back.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sptutor import blocks
+
+
+def replicas(heads_kv: int, degree: int) -> int:
+    """How many copies of each K/V head go on the wire over ``degree`` = U ranks: U/Hkv when
+    Hkv < U, else 1."""
+    return max(1, degree // heads_kv)
+
+
+def sum_replicas(x: torch.Tensor, replicas: int) -> torch.Tensor:
+    """x: (B, S/W, Hkv·rep, D) -> (B, S/W, Hkv, D): the gradient of a replicated head is the sum
+    over its replicas, added in the accumulation dtype."""
+    B, S_local, H, D = x.shape
+    acc = blocks.accumulation_dtype(x.dtype)
+    # (B, S/W, Hkv·rep, D) -> (B, S/W, Hkv, rep, D) -> (B, S/W, Hkv, D)
+    return x.reshape(B, S_local, H // replicas, replicas, D).sum(dim=3, dtype=acc).to(x.dtype)
+
+
+def gathered_positions(positions: list[torch.Tensor], degree: int) -> list[torch.Tensor]:
+    """positions: W x (S/W,) every rank's, ``rank = ring_index·U + ulysses_index``.
+
+    Returns R x (S/R,): the tokens each ulysses group of ``degree`` = U ranks holds after its
+    sequence -> heads all-to-all, its ranks' positions concatenated in rank order (under USP's
+    layout: the tokens that ring rank owns).
+    """
+    return [torch.cat(positions[i : i + degree]) for i in range(0, len(positions), degree)]
