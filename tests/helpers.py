@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from sptutor import cost, layout, oracle
 from sptutor.testing import assert_close, assert_no_worse_than_baseline
-from tests.strategies import heads, scales, tensors, world_and_seq
+from tests.strategies import attention_inputs, heads, scales, tensors, world_and_seq
 
 # float64 oracle vs float64 ground truth: the same math reordered, so the design's float64
 # tolerance, 1e-10 relative.
@@ -30,12 +30,8 @@ def softmax_case(draw, max_world: int = 8, head_dims=(1, 3, 8, 24, 40, 72), min_
     )
     heads_q, heads_kv = draw(heads())
     batch, head_dim = draw(st.integers(1, 2)), draw(st.sampled_from(head_dims))
-    q, k, v, dout = tensors(
-        draw(st.integers(0, 10**6)),
-        (batch, seq_len, heads_q, head_dim),
-        (batch, seq_len, heads_kv, head_dim),
-        (batch, seq_len, heads_kv, head_dim),
-        (batch, seq_len, heads_q, head_dim),
+    q, k, v, dout = attention_inputs(
+        draw(st.integers(0, 10**6)), batch, seq_len, heads_q, heads_kv, head_dim
     )
     scale = draw(scales(head_dim))
     return dict(q=q, k=k, v=v, dout=dout, world=world, layout=lay, causal=draw(st.booleans()),
@@ -63,12 +59,8 @@ def mesh_case(
     heads_kv = draw(st.sampled_from(kv_choices))
     heads_q = math.lcm(degree, heads_kv) * draw(st.integers(1, 2))
     batch, head_dim = draw(st.integers(1, 2)), draw(st.sampled_from(head_dims))
-    q, k, v, dout = tensors(
-        draw(st.integers(0, 10**6)),
-        (batch, seq_len, heads_q, head_dim),
-        (batch, seq_len, heads_kv, head_dim),
-        (batch, seq_len, heads_kv, head_dim),
-        (batch, seq_len, heads_q, head_dim),
+    q, k, v, dout = attention_inputs(
+        draw(st.integers(0, 10**6)), batch, seq_len, heads_q, heads_kv, head_dim
     )
     scale = draw(scales(head_dim))
     return dict(q=q, k=k, v=v, dout=dout, world=world, layout=lay, causal=draw(st.booleans()),

@@ -23,6 +23,14 @@ def tensors(seed: int, *shapes: tuple[int, ...], dtype=torch.float64) -> list[to
     return [torch.randn(*shape, generator=generator, dtype=dtype) for shape in shapes]
 
 
+def attention_inputs(
+    seed: int, batch: int, seq_len: int, heads_q: int, heads_kv: int, head_dim: int
+) -> list[torch.Tensor]:
+    """Seeded float64 q, k, v, dout: q, dout (B, S, Hq, D) and k, v (B, S, Hkv, D)."""
+    q_shape, kv_shape = (batch, seq_len, heads_q, head_dim), (batch, seq_len, heads_kv, head_dim)
+    return tensors(seed, q_shape, kv_shape, kv_shape, q_shape)
+
+
 @st.composite
 def world_and_seq(
     draw, max_world: int = 8, max_chunk: int = 3, min_seq_len: int = 1

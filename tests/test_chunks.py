@@ -11,7 +11,7 @@ from sptutor import chunks, work
 from sptutor.oracle import reference
 from sptutor.testing import assert_close, relative_error
 from tests.helpers import state_after
-from tests.strategies import HEAD_DIMS, decays, heads, tensors
+from tests.strategies import HEAD_DIMS, attention_inputs, decays, heads, tensors
 
 # Everything here is float64 and the same sums reordered (errors ~1e-16); linear outputs grow with
 # S, so every comparison is relative (the design's rule), with assert_close's 1e-10: far above
@@ -24,12 +24,8 @@ def chunked_case(draw, max_chunks: int = 4, max_chunk: int = 5):
     lengths = draw(st.lists(st.integers(1, max_chunk), min_size=1, max_size=max_chunks))
     seq_len, (heads_q, heads_kv) = sum(lengths), draw(heads())
     batch, head_dim = draw(st.integers(1, 2)), draw(st.sampled_from(HEAD_DIMS))
-    q, k, v, dout = tensors(
-        draw(st.integers(0, 10**6)),
-        (batch, seq_len, heads_q, head_dim),
-        (batch, seq_len, heads_kv, head_dim),
-        (batch, seq_len, heads_kv, head_dim),
-        (batch, seq_len, heads_q, head_dim),
+    q, k, v, dout = attention_inputs(
+        draw(st.integers(0, 10**6)), batch, seq_len, heads_q, heads_kv, head_dim
     )
     starts = [sum(lengths[:n]) for n in range(len(lengths) + 1)]
     parts = [slice(a, b) for a, b in itertools.pairwise(starts)]
@@ -141,12 +137,8 @@ def blocked_case(draw):
     """q, k, v, dout of one chunk of C tokens, a decay and a sub-chunk length T (any C % T)."""
     chunk, (heads_q, heads_kv) = draw(st.integers(1, 200)), draw(heads())
     batch, head_dim = draw(st.integers(1, 2)), draw(st.sampled_from(HEAD_DIMS))
-    q, k, v, dout = tensors(
-        draw(st.integers(0, 10**6)),
-        (batch, chunk, heads_q, head_dim),
-        (batch, chunk, heads_kv, head_dim),
-        (batch, chunk, heads_kv, head_dim),
-        (batch, chunk, heads_q, head_dim),
+    q, k, v, dout = attention_inputs(
+        draw(st.integers(0, 10**6)), batch, chunk, heads_q, heads_kv, head_dim
     )
     block = draw(st.one_of(st.integers(1, 16), st.just(chunks.SUB_CHUNK)))
     return dict(q=q, k=k, v=v, dout=dout, decay=draw(decays(heads_q)), block=block)

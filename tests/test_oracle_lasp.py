@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from sptutor import blocks, checks, cost, oracle, work
 from sptutor.testing import assert_close, assert_no_worse_than_baseline
 from tests.helpers import SIXTEEN_BIT_SIZES, assert_ledger_matches_cost, state_after
-from tests.strategies import decays, heads, tensors
+from tests.strategies import attention_inputs, decays, heads, tensors
 
 # float64 oracle vs float64 ground truth: the same sums reordered (the design's float64
 # tolerance). Linear outputs grow with S, so errors are relative (assert_close, 1e-10): ~1e-16
@@ -30,12 +30,8 @@ def linear_case(
     (heads_q, heads_kv), causal = draw(heads()), draw(st.booleans())
     batch, head_dim = draw(st.integers(1, 2)), draw(st.sampled_from(head_dims))
     seq_len = world * chunk
-    q, k, v, dout = tensors(
-        draw(st.integers(0, 10**6)),
-        (batch, seq_len, heads_q, head_dim),
-        (batch, seq_len, heads_kv, head_dim),
-        (batch, seq_len, heads_kv, head_dim),
-        (batch, seq_len, heads_q, head_dim),
+    q, k, v, dout = attention_inputs(
+        draw(st.integers(0, 10**6)), batch, seq_len, heads_q, heads_kv, head_dim
     )
     decay = draw(decays(heads_q)) if causal else None
     return dict(q=q, k=k, v=v, dout=dout, world=world, causal=causal, decay=decay)

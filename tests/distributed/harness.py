@@ -143,3 +143,14 @@ def _cost_problems(case: Case, per_rank: dict[int, dict]) -> list[str]:
         if measured != closed_form:
             problems.append(f"rank {rank}: sent, saved {measured}, cost {closed_form}")
     return problems
+
+
+def memory_grid(method: str) -> list[Case]:
+    """Cases for a saved-bytes formula: S in {16, 32} on W in {2, 4} (sub-group (2, 3) and the
+    whole launch), float32 and float64, non-causal, contiguous, Hq=2 over Hkv=1."""
+    return [
+        Case(method=method, members=members, layout="contiguous", causal=False, batch=1,
+             seq_len=seq_len, heads_q=2, heads_kv=1, head_dim=4, dtype=dtype)
+        for seq_len in (16, 32) for members in ((2, 3), (0, 1, 2, 3))
+        for dtype in ("float32", "float64")
+    ]  # fmt: skip

@@ -1,26 +1,17 @@
 """Real Ring Self-Attention on 4 gloo processes == its oracle, shard by shard, message by message,
 and it keeps the paper's O(S²/W) score rows for backward, byte for byte."""
 
-import itertools
-
 import torch
 from hypothesis import Phase, given, settings
 
-from sptutor.testing import Case
 from tests.distributed.harness import (
     assert_real_matches_oracle,
+    memory_grid,
     per_group,
     softmax_cases,
 )
 
-# S in {16, 32} on W in {2, 4} (sub-group (2, 3) and the whole launch), float32 and float64
-MEMORY_GRID = [
-    Case(method="rsa", members=members, layout="contiguous", causal=False, batch=1,
-         seq_len=seq_len, heads_q=2, heads_kv=1, head_dim=4, dtype=dtype)
-    for seq_len, members, dtype in itertools.product(
-        (16, 32), ((2, 3), (0, 1, 2, 3)), ("float32", "float64")
-    )
-]  # fmt: skip
+MEMORY_GRID = memory_grid("rsa")
 
 
 @settings(max_examples=2, phases=[Phase.explicit, Phase.generate], deadline=None)
