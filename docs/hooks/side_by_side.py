@@ -65,7 +65,7 @@ def duplicated_functions(method: str) -> list[str]:
 
 def _table(method: str) -> str:
     oracle_file, real_file = pair_files(method)
-    table = difflib.HtmlDiff(tabsize=4, wrapcolumn=72).make_table(
+    table = difflib.HtmlDiff(tabsize=4, wrapcolumn=64).make_table(
         oracle_file.read_text().splitlines(),
         real_file.read_text().splitlines(),
         f"oracle/{method}.py (every rank in one process)",
