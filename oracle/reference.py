@@ -29,7 +29,7 @@ def full_attention(
     q_pos: torch.Tensor | None = None,
     k_pos: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention over a full score matrix, computed in the inputs' dtype.
+    """Softmax attention of (B, S, H, D) tensors over a full score matrix, in the inputs' dtype.
 
     q: (B, S_q, Hq, D) queries; k, v: (B, S_k, Hkv, D) keys and values, Hq % Hkv == 0.
     q_pos: (S_q,), k_pos: (S_k,) global positions (default arange); with ``causal`` the query at
@@ -68,7 +68,7 @@ def full_linear_attention(
     causal: bool = True,
     decay: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Unnormalised linear attention over a full (S x S) weight matrix.
+    """Unnormalised linear attention of (B, S, H, D) tensors over a full (S x S) weight matrix.
 
     q: (B, S, Hq, D); k, v: (B, S, Hkv, D), broadcast to the query heads.
     Causal: ``o_i = sum_{j<=i} decay^(i-j) (q_i . k_j) v_j`` with ``decay: (Hq,)`` in (0, 1] or None

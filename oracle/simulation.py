@@ -60,7 +60,9 @@ def simulate(
     decay: torch.Tensor | None = None,
     scale: float | None = None,
 ) -> Simulation:
-    """Emulate ``method`` on ``world`` ranks and return full-size results and the ledger.
+    """Emulate ``method`` on ``world`` ranks, full (B, S, H, D) inputs, sequence before heads.
+
+    Returns full-size results, every rank's record and the ledger.
 
     q: (B, S, Hq, D); k, v: (B, S, Hkv, D) full, unsharded inputs; dout: (B, S, Hq, D) or None
     (forward only). They are sharded with ``layout`` (composed with ``ulysses=U`` for usp).

@@ -174,7 +174,9 @@ def lasp_attention(
     group=None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """LASP (Sun et al. 2024) over the ranks of ``group``; call on every rank with its own shards.
+    """LASP (Sun et al. 2024) on (B, C, H, D) shards, sequence before heads, over ``group``.
+
+    Call on every rank of ``group`` with its own shards.
 
     q: (B, C, Hq, D) this rank's queries, C = S/W; k, v: (B, C, Hkv, D) its keys and values, as
     ``sptutor.layout.shard(x, world=W, layout="contiguous")[rank]`` makes them (the only layout);

@@ -99,7 +99,9 @@ def lasp2_attention(
     group=None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """LASP-2 (Sun et al. 2025) over the ranks of ``group``; arguments as in
+    """LASP-2 (Sun et al. 2025) on (B, C, H, D) shards, sequence before heads, over ``group``.
+
+    Call on every rank of ``group`` with its own shards; arguments as in
     :func:`sptutor.lasp.lasp_attention`.
 
     One all-gather of the local states (B, Hq, D, D) forward and one of the local dKV backward,

@@ -103,7 +103,9 @@ def lss_attention(
     scale: float | None = None,
     return_lse: bool = False,
 ):
-    """LSS attention (our reading) over the ranks of ``group``; call on every rank with its shards.
+    """LSS attention (our reading) on (B, S/W, H, D) shards, sequence before heads.
+
+    Call on every rank of ``group`` with its own shards.
 
     q: (B, S/W, Hq, D) this rank's queries; k, v: (B, S/W, Hkv, D) its keys and values, as
     ``sptutor.layout.shard(x, world=W, layout=layout)[rank]`` makes them.

@@ -105,7 +105,9 @@ def ring_attention(
     scale: float | None = None,
     return_lse: bool = False,
 ):
-    """Ring attention over the ranks of ``group``; call on every rank with its own shards.
+    """Ring attention on (B, S/W, H, D) shards, sequence before heads, over ``group``'s ranks.
+
+    Call on every rank of ``group`` with its own shards.
 
     q: (B, S/W, Hq, D) this rank's queries; k, v: (B, S/W, Hkv, D) its keys and values, as
     ``sptutor.layout.shard(x, world=W, layout=layout)[rank]`` makes them.

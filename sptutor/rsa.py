@@ -154,7 +154,9 @@ def rsa_attention(
     scale: float | None = None,
     return_lse: bool = False,
 ):
-    """Ring Self-Attention over the ranks of ``group``; call on every rank with its own shards.
+    """Ring Self-Attention on (B, S/W, H, D) shards, sequence before heads, over ``group``.
+
+    Call on every rank of ``group`` with its own shards.
 
     q: (B, S/W, Hq, D) this rank's queries; k, v: (B, S/W, Hkv, D) its keys and values, as
     ``sptutor.layout.shard(x, world=W, layout=layout)[rank]`` makes them. ``backend`` is checked

@@ -175,7 +175,9 @@ def ulysses_attention(
     scale: float | None = None,
     return_lse: bool = False,
 ):
-    """DeepSpeed-Ulysses over the ranks of ``group``; call on every rank with its own shards.
+    """DeepSpeed-Ulysses on (B, S/W, H, D) shards, sequence before heads, over ``group``.
+
+    Call on every rank of ``group`` with its own shards.
 
     q: (B, S/W, Hq, D) this rank's queries; k, v: (B, S/W, Hkv, D) its keys and values, as
     ``sptutor.layout.shard(x, world=W, layout=layout)[rank]`` makes them. The heads split over

@@ -105,8 +105,9 @@ def usp_attention(
     scale: float | None = None,
     return_lse: bool = False,
 ):
-    """USP over ``mesh`` (``make_usp_mesh``): Ulysses over U ranks, ring over R; call on every
-    rank of the mesh with its own shards.
+    """USP on (B, S/W, H, D) shards, sequence before heads: Ulysses over U ranks, ring over R.
+
+    Call on every rank of ``mesh`` (``make_usp_mesh``) with its own shards.
 
     q: (B, S/W, Hq, D) this rank's queries; k, v: (B, S/W, Hkv, D) its keys and values, as
     ``sptutor.layout.shard(x, world=W, layout=layout, ulysses=U)[rank]`` makes them (the layout
