@@ -74,7 +74,7 @@ def _forward(world, q, k, v, positions, causal, scale):
                     q[rank], k_block, positions[rank], positions[src], causal, scale
                 )
                 world.compute(rank, _macs(q[rank], positions[rank], positions[src], causal),
-                              "forward", step)  # fmt: skip
+                              "forward", step, block=src)  # fmt: skip
         if step < W - 1:
             k_from_prev_rank = shift.wait()
     # softmax over the whole row (no online softmax); P is kept in the inputs' dtype
@@ -91,7 +91,7 @@ def _forward(world, q, k, v, positions, causal, scale):
                 columns = rows.columns(src, seq_local)
                 out[rank] += rows.weighted_block(probs[rank][..., columns], v_block)
                 world.compute(rank, _macs(q[rank], positions[rank], positions[src], causal),
-                              "forward", step)  # fmt: skip
+                              "forward", step, block=src)  # fmt: skip
         if step < W - 1:
             v_from_prev_rank = shift.wait()
     return [o.to(q[0].dtype) for o in out], list(lse), list(probs)
@@ -119,7 +119,7 @@ def _backward(world, dout, q, k, v, probs, positions, causal, scale):
                 columns = rows.columns(src, seq_local)
                 dprobs[rank][..., columns] = rows.dprobs_block(dout[rank], v_block)
                 world.compute(rank, _macs(q[rank], positions[rank], positions[src], causal),
-                              "backward", step)  # fmt: skip
+                              "backward", step, block=src)  # fmt: skip
         if step < W - 1:
             v_from_prev_rank = shift.wait()
     dscores = [rows.softmax_backward(probs[rank], dprobs[rank]) for rank in range(W)]
@@ -137,7 +137,7 @@ def _backward(world, dout, q, k, v, probs, positions, causal, scale):
                 columns = rows.columns(src, seq_local)
                 dq[rank] += rows.weighted_block(dscores[rank][..., columns], k_block) * scale
                 world.compute(rank, _macs(q[rank], positions[rank], positions[src], causal),
-                              "backward", step)  # fmt: skip
+                              "backward", step, block=src)  # fmt: skip
         if step < W - 1:
             k_from_prev_rank = shift.wait()
     dtype = q[0].dtype

@@ -92,5 +92,7 @@ def simulate(
 
     return Simulation(
         out=glue("out"), lse=glue("lse", dim=2), dq=glue("dq"), dk=glue("dk"), dv=glue("dv"),
-        ranks=records, ledger=emulated.ledger,
+        ranks=records, ledger=emulated.ledger, method=method, world=world, layout=layout,
+        causal=causal, ulysses=degree, positions=positions, decay=decay,
+        shape=(q.shape[0], seq_len, q.shape[2], k.shape[2], head_dim),
     )  # fmt: skip

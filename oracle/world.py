@@ -52,11 +52,19 @@ class World:
 
     def _log(self, op: str, index: int, peer: int | None, size: int, phase: str, step: int) -> None:
         nbytes_sent = wire_bytes(op, size, self.size)
-        self.ledger.log(CommEvent(op, self.ranks[index], peer, nbytes_sent, phase, step))
+        event = CommEvent(op, self.ranks[index], peer, nbytes_sent, phase, step,
+                          group=tuple(self.ranks))  # fmt: skip
+        self.ledger.log(event)
 
-    def compute(self, index: int, macs: int, phase: str, step: int = 0) -> None:
-        """Log that rank ``index`` did ``macs`` useful multiply-adds."""
-        self.ledger.log(CommEvent("compute", self.ranks[index], None, 0, phase, step, macs))
+    def compute(
+        self, index: int, macs: int, phase: str, step: int = 0, *, block: int | None = None
+    ) -> None:
+        """Log that rank ``index`` did ``macs`` useful multiply-adds, on the block of rank
+        ``block`` (an index into this group, logged as a global rank) if it was one block."""
+        owner = None if block is None else self.ranks[block]
+        event = CommEvent("compute", self.ranks[index], None, 0, phase, step, macs,
+                          group=tuple(self.ranks), block=owner)  # fmt: skip
+        self.ledger.log(event)
 
     def ring_shift(self, tensors: list[list[torch.Tensor]], *, phase: str, step: int) -> Pending:
         """Every rank sends its tensors to the next rank and receives the previous rank's.
@@ -153,7 +161,12 @@ class RankRecord:
 
 @dataclass
 class Simulation:
-    """What ``oracle.simulate`` returns: full-size results, per-rank records, the ledger."""
+    """What ``oracle.simulate`` returns: full-size results, per-rank records, the ledger, and the
+    call that produced them (what the pictures of ``sptutor.plots`` need besides the ledger).
+
+    ``positions[r]``: (S/W,) the global positions rank r owns; ``shape``: (B, S, Hq, Hkv, D) of
+    the full inputs; ``ulysses``: U (1 unless usp); ``decay`` as passed (linear methods).
+    """
 
     out: torch.Tensor
     lse: torch.Tensor | None
@@ -162,3 +175,11 @@ class Simulation:
     dv: torch.Tensor | None
     ranks: list[RankRecord]
     ledger: Ledger
+    method: str = ""
+    world: int = 1
+    layout: str = "contiguous"
+    causal: bool = False
+    ulysses: int = 1
+    positions: list[torch.Tensor] = field(default_factory=list)
+    shape: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
+    decay: torch.Tensor | None = None

@@ -50,7 +50,8 @@ def global_rank(group: dist.ProcessGroup | None, group_rank: int) -> int:
 def _log(op: str, group, peer: int | None, tensor_bytes: int, phase: str, step: int) -> None:
     _, size = rank_and_size(group)
     sent = ledger.wire_bytes(op, tensor_bytes, size)
-    ledger.log(CommEvent(op, dist.get_rank(), peer, sent, phase, step))
+    members = tuple(global_rank(group, r) for r in range(size))
+    ledger.log(CommEvent(op, dist.get_rank(), peer, sent, phase, step, group=members))
 
 
 def _nbytes(x: torch.Tensor) -> int:

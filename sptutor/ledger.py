@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 OPS = ("send", "all_to_all", "all_gather", "reduce_scatter", "all_reduce", "compute")
 PHASES = ("forward", "backward")
@@ -25,6 +25,12 @@ class CommEvent:
     ``rank``/``peer`` are global ranks (``peer`` is None for collectives and compute); ``nbytes`` is
     what ``rank`` sends under the bandwidth-optimal algorithm; ``step`` is the ring step (or 0);
     ``macs`` the useful multiply-adds of a compute event (0 for messages).
+
+    Metadata for pictures, outside :meth:`key` and equality (so ledger equality is unchanged):
+    ``group`` the global ranks of the group the event happened in (which of USP's concurrent
+    all-to-alls it belongs to); ``seq`` its place in its rank's own order of events (set by
+    :meth:`Ledger.log`; steps repeat within a phase, ``seq`` does not); ``block`` the rank whose
+    block a compute event worked on (the K/V block's owner, or the chunk), None if not one block.
     """
 
     op: str
@@ -34,6 +40,9 @@ class CommEvent:
     phase: str
     step: int = 0
     macs: int = 0
+    group: tuple[int, ...] | None = field(default=None, compare=False)
+    seq: int = field(default=-1, compare=False)
+    block: int | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.op not in OPS:
@@ -79,10 +88,13 @@ class Ledger:
     """An ordered list of :class:`CommEvent`, with totals (equal only to itself)."""
 
     events: list[CommEvent] = field(default_factory=list)
+    _logged_by_rank: dict[int, int] = field(default_factory=dict, repr=False)
 
     def log(self, event: CommEvent) -> None:
-        """Append one event."""
-        self.events.append(event)
+        """Append one event, numbered in its rank's own order (``seq``: 0, 1, 2, ...)."""
+        seq = self._logged_by_rank.get(event.rank, 0)
+        self._logged_by_rank[event.rank] = seq + 1
+        self.events.append(replace(event, seq=seq))
 
     def messages(self, rank: int | None = None) -> list[CommEvent]:
         """Message events (no compute), of one rank or of all, in logged order."""

@@ -6,6 +6,9 @@ Each section prints a table whose rows later issues extend (one row per method, 
 from __future__ import annotations
 
 import itertools
+import sys
+import textwrap
+import time
 
 import torch
 
@@ -197,8 +200,65 @@ def cost_rows() -> list[dict]:
     return rows
 
 
+def _worst(*columns: str):
+    """Reducer: the largest error in ``columns`` ("-" marks one that does not apply)."""
+    return lambda group: max(row[c] for row in group for c in columns if row[c] != "-")
+
+
+def _largest(column: str):
+    """Reducer: the largest value of ``column``."""
+    return lambda group: max(row[column] for row in group)
+
+
+def summarize(rows: list[dict], by: tuple[str, ...], reducers: dict) -> list[dict]:
+    """One row per distinct value of the ``by`` columns, in order of first appearance; every
+    other column is ``reducers[name](rows of that group)``."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[key] for key in by), []).append(row)
+    return [
+        dict(zip(by, key)) | {name: reduce(group) for name, reduce in reducers.items()}
+        for key, group in groups.items()
+    ]
+
+
+def merge_table(rows: list[dict]) -> list[dict]:
+    """Section 1 as printed: one row per layout, the worst error over its W x causal cases."""
+    reducers = {"cases": len, "out err": _worst("out err"), "lse err": _worst("lse err")}
+    return summarize(rows, ("layout",), reducers)
+
+
+def oracle_table(rows: list[dict]) -> list[dict]:
+    """Section 2 as printed: one row per method and causal, each layout's work balance beside
+    (bytes do not depend on the layout: "= formula" holds them to sptutor.cost, which has none)."""
+    reducers = {
+        "err": _worst("out err", "lse err", "grad err"),
+        "fwd B": _largest("fwd B/rank"),
+        "bwd B": _largest("bwd B/rank"),
+        "saved B": _largest("saved B/rank"),
+        "= formula": lambda group: all(row["= formula"] for row in group),
+    }
+    for lay in layout.LAYOUTS:
+        reducers[lay] = lambda group, lay=lay: next(
+            (row["work max/min"] for row in group if row["layout"] == lay), "-"
+        )
+    return summarize(rows, ("method", "causal"), reducers)
+
+
+def real_table(rows: list[dict]) -> list[dict]:
+    """Section 3 as printed: one row per method, the worst over its layout x causal runs."""
+    reducers = {
+        "runs": len,
+        "err": _worst("out err", "lse err", "grad err"),
+        "ledger": lambda group: "match" if {r["ledger"] for r in group} == {"match"} else "DIFFERS",
+        "saved B": _largest("saved B/rank"),
+        "= oracle": lambda group: all(row["= oracle"] for row in group),
+    }
+    return summarize(rows, ("method",), reducers)
+
+
 def format_table(rows: list[dict]) -> str:
-    """Rows of equal keys as an aligned text table (floats in scientific notation)."""
+    """Rows of equal keys as an aligned text table under a dashed rule (floats as 1.0e-16)."""
     columns = list(rows[0])
     cells = [
         [f"{row[c]:.1e}" if isinstance(row[c], float) else str(row[c]) for c in columns]
@@ -206,30 +266,114 @@ def format_table(rows: list[dict]) -> str:
     ]
     widths = [max(len(c), *(len(line[i]) for line in cells)) for i, c in enumerate(columns)]
     lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join("-" * w for w in widths)]
     lines += ["  ".join(x.rjust(w) for x, w in zip(line, widths)) for line in cells]
     return "\n".join(lines)
 
 
+OPENING = """\
+sptutor tour: sequence parallelism for attention, measured
+
+sptutor teaches sequence parallelism: how long-context training splits one sequence over W
+processes ("ranks"), each holding S/W of its tokens. Seven methods are each written twice, as a
+single-process oracle that emulates all W ranks and as real torch.distributed code: rsa, ring,
+ulysses, usp (Ulysses inside a ring) and lss for softmax attention, lasp and lasp2 for linear
+attention. On small float64 inputs the tour checks that each method is exact, counts the bytes
+it sends and keeps for backward and how evenly it shares the work, then prices it at a realistic
+size. Four sections, about 10 seconds on a CPU; no GPU needed."""
+
+ERR = "relative error ‖a−b‖/‖b‖"
+# number: (title, two lines of what the section shows and why it matters, legend of its columns)
+SECTIONS = {
+    1: ("Splitting the keys over ranks loses nothing",
+        ("Each rank attends to its own block of keys; merging the partial outputs by their",
+         "log-sum-exp (LSE) gives full attention back exactly. The softmax methods rest on it."),
+        [("layout", "which tokens a rank holds: contiguous = one block of S/W, zigzag = chunks "
+          "r and 2W-1-r of 2W (balances causal work), striped = tokens r, r+W, r+2W, ..."),
+         ("cases", "merges per layout: W = 2, 4, 8 ranks, causal and not (B=2, S=48, Hq=4, "
+          "Hkv=2, D=16, float64)"),
+         ("out err, lse err", f"largest {ERR} of the merged output and LSE against full "
+          "attention, over the cases; float64 rounding is about 1e-16")]),
+    2: ("Each method's oracle is exact, and what it sends is a formula",
+        ("The oracle emulates W=4 ranks in one process and logs every message in a ledger. It",
+         "must equal full attention, and its bytes the closed forms that section 4 prices."),
+        [("method", "usp u=2 = Ulysses over 2 ranks inside a ring of 2 (inputs: B=1, S=32, "
+          "Hq=4, Hkv=2, D=16, float64)"),
+         ("causal", "True = each token sees only earlier ones (lasp, lasp2 also decay per head)"),
+         ("err", f"largest {ERR} of out, LSE, dq, dk, dv against full attention and autograd, "
+          "over the layouts"),
+         ("fwd B, bwd B, saved B", "bytes (B) the busiest rank sends in forward, sends in "
+          "backward, keeps for backward; the same under every layout"),
+         ("= formula", "True when every rank's sent and kept bytes equal the closed form of "
+          "sptutor.cost exactly, under every layout"),
+         ("contiguous, zigzag, striped", "work max/min under that layout: useful multiply-adds "
+          "of the busiest rank over the idlest, 1.00 = balanced; - = not run (linear methods "
+          "are contiguous only)")]),
+    3: (f"The real code on {REAL_WORLD} processes equals its oracle",
+        ("The same methods as real torch.distributed code, against the oracle on the same inputs:",
+         "outputs, gradients, every message, every byte kept. sptutor.testing does it for yours."),
+        [("method", "as in section 2; usp runs on a 2 x 2 mesh of the 4 processes"),
+         ("runs", "layout x causal cases, all in one launch (B=1, S=32, Hq=4, Hkv=2, D=16, "
+          "float64)"),
+         ("err", f"largest {ERR} of out, LSE, dq, dk, dv against the oracle, over ranks and "
+          "runs"),
+         ("ledger", "match = every rank sent exactly the oracle's messages, in order "
+          "(operation, peer, bytes, phase, step)"),
+         ("saved B", "bytes (B) autograd keeps for backward on the busiest rank, as seen by "
+          "saved-tensor hooks"),
+         ("= oracle", "True when every rank keeps exactly the bytes the oracle counts")]),
+    4: ("At a realistic size: what a rank sends and keeps",
+        ("The closed forms checked above, for a Llama-3-8B-like attention layer: RSA keeps S²/W",
+         "scores, LSS all of K and V, ring/Ulysses/USP O(S/W) bytes; LASP sends D×D states only."),
+        [("method", "u = the Ulysses degree of the USP mesh, W/2"),
+         ("S, W", "sequence length in tokens, ranks (B=1, Hq=32, Hkv=8, D=128, bfloat16, "
+          "causal)"),
+         ("sent MiB/rank", "bytes sent forward + backward, each by that phase's busiest rank, "
+          "in MiB (2^20 bytes)"),
+         ("saved MiB/rank", "bytes the busiest rank keeps for backward, in MiB")]),
+}  # fmt: skip
+
+CLOSING = """\
+Where to go next
+   mkdocs serve        the docs site, from the repository root: start with the pages Concepts,
+                       Design, and Oracle and real code side by side
+   sptutor train --method ring --world 4
+                       train a tiny GPT with ring attention on 4 CPU processes; every option
+                       (methods, layouts, sizes) is in 'sptutor train --help'
+   sptutor bench lasp  time LASP's torch backend on this CPU
+   sptutor.testing     check your own attention code against the oracle: the README section
+                       "Point the oracle at your own code" has the whole script"""
+
+
+def _heading(number: int) -> None:
+    """A section's title and its two lines of what it shows and why that matters."""
+    title, intro, _ = SECTIONS[number]
+    print(f"\n{number}. {title}\n" + "".join(f"   {line}\n" for line in intro), flush=True)
+
+
+def _table(number: int, rows: list[dict]) -> None:
+    """The table, then its legend: one "names: meaning" entry per column, wrapped to 96."""
+    print(format_table(rows) + "\n")
+    for names, meaning in SECTIONS[number][2]:
+        print(textwrap.fill(f"{names}: {meaning}", 96, initial_indent="   ",
+                            subsequent_indent="     ", break_on_hyphens=False))  # fmt: skip
+    sys.stdout.flush()
+
+
 def run() -> None:
-    """Print every section of the tour."""
-    print("1. Blocks of keys merged by their log-sum-exp equal attention over all keys")
-    print("   (float64; each rank's keys under a layout, merged in rank order; errors relative)\n")
-    print(format_table(merge_rows()))
-    print("\n2. Each method's oracle vs full attention (W=4, S=32, Hq=4, Hkv=2, D=16, float64)")
-    print("   errors relative; bytes each rank sends per phase and keeps for backward (max over")
-    print("   ranks); '= formula': the ledger equals sptutor.cost exactly; work: useful MACs,")
-    print("   max/min over ranks\n")
-    print(format_table(oracle_rows()))
-    print(f"\n3. The real code on {REAL_WORLD} gloo processes vs its oracle (same inputs, float64)")
-    print("   errors relative, max over ranks; ledger: every rank's messages equal the oracle's;")
-    print(
-        "   saved: bytes autograd keeps for backward (saved-tensor hooks) vs the oracle's count\n"
-    )
-    print(format_table(real_rows()))
-    print(
-        "\n4. At a realistic size: one attention layer, B=1, Hq=32, Hkv=8, D=128, bfloat16, causal"
-    )
-    print("   bytes a rank sends (forward + backward) and keeps for backward, from sptutor.cost")
-    print("   (the closed forms sections 2 and 3 check exactly): RSA keeps S²/W scores, LSS the")
-    print("   whole sequence's K and V, ring/Ulysses/USP O(S/W); LASP sends D×D states only\n")
-    print(format_table(cost_rows()))
+    """Print the tour: an opening, four measured sections with legends, where to go next."""
+    started = time.perf_counter()
+    print(OPENING)
+    _heading(1)
+    _table(1, merge_table(merge_rows()))
+    _heading(2)
+    _table(2, oracle_table(oracle_rows()))
+    _heading(3)
+    print(f"   starting {REAL_WORLD} gloo processes (a few seconds)...", flush=True)
+    launched = time.perf_counter()
+    rows = real_rows()
+    print(f"   done in {time.perf_counter() - launched:.1f} s\n", flush=True)
+    _table(3, real_table(rows))
+    _heading(4)
+    _table(4, cost_rows())
+    print(f"\n{CLOSING}\n\nThe tour took {time.perf_counter() - started:.1f} s.")

@@ -62,8 +62,10 @@ def _on_rank(rank, world):
     pair = comm.new_group([0, 1])  # collective; ranks 2 and 3 are outside it
     q, k, v = _shards(rank)
     try:
-        sptutor.ring_attention(q, k, v, group=pair)
+        with ledger.record() as in_pair:
+            sptutor.ring_attention(q, k, v, group=pair)
         errors["outside"] = None
+        errors["pair events"] = [(e.group, e.seq) for e in in_pair.events]
     except ValueError as error:
         errors["outside"] = str(error)
     checks = _count_checks(dist)
@@ -101,8 +103,8 @@ def test_ranks_that_disagree_all_raise_naming_the_difference():
         for what, message in expected.items():
             assert errors[what] is not None and errors[what].startswith(message), (what, errors)
         outside = errors["outside"]
-        if rank in (0, 1):
-            assert outside is None
+        if rank in (0, 1):  # the events name their group's global ranks, in this rank's order
+            assert outside is None and errors["pair events"] == [((0, 1), 0), ((0, 1), 1)]
         else:
             assert outside.startswith(f"ring: this process (global rank {rank}) is not a member")
         assert checked_once == 1  # cached per (group, signature): the hot path pays nothing
