@@ -1,6 +1,13 @@
-"""The tour prints claims; these tests hold every printed row to them."""
+"""The tour prints claims; these tests hold every printed row to them, and the text around the
+tables to what a newcomer needs: an introduction, a legend for every column, where to go next."""
 
-from sptutor import oracle, tour
+import contextlib
+import io
+import re
+
+import pytest
+
+from sptutor import layout, oracle, tour
 
 FLOAT64 = 1e-12  # float64, the same math reordered: observed ~1e-16 (see tests/test_blocks.py)
 
@@ -97,3 +104,111 @@ def test_the_docs_print_the_tours_realistic_size_table():
     documented = {line for line in page.splitlines() if line.startswith("| ") and "MiB" not in line}
     documented = {line for line in documented if line.split("|")[2].strip().isdigit()}
     assert documented and documented <= printed
+
+
+# what the closing must name: the docs site and its first pages, two commands, the oracle API
+NEXT_STEPS = (
+    *("mkdocs serve", "Concepts", "Design", "Oracle and real code side by side"),
+    *("sptutor train --method ring --world 4", "sptutor train --help", "sptutor bench lasp"),
+    *("sptutor.testing", "Point the oracle at your own code"),
+)
+
+
+@pytest.fixture(scope="module")
+def printed() -> str:
+    """What ``sptutor tour`` prints (``tour.run()``), run once for every test of the text: a run
+    launches 4 processes, seconds on two cores. capsys is per test, so stdout is redirected here."""
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        tour.run()
+    return buffer.getvalue()
+
+
+def _section(text: str, number: int) -> list[str]:
+    """The lines of section ``number``, from its title to the next title or the closing."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"{number}. "))
+    ends = (i for i in range(start + 1, len(lines)) if re.match(r"\d\. |Where to go", lines[i]))
+    return lines[start : next(ends, len(lines))]
+
+
+def _rule(section: list[str]) -> int:
+    """Index of the dashed rule under a table's header."""
+    return next(i for i, line in enumerate(section) if line and set(line) <= {"-", " "})
+
+
+def _table(section: list[str]) -> tuple[list[str], list[dict], list[str]]:
+    """(column names, rows as dicts, lines below) of the table found by its dashed rule; each
+    column spans its run of dashes, so a name may hold spaces ("= formula")."""
+    rule = _rule(section)
+    spans = [match.span() for match in re.finditer(r"-+", section[rule])]
+    columns = [section[rule - 1][a:b].strip() for a, b in spans]
+    end = section.index("", rule)
+    rows = [
+        {name: line[a:b].strip() for name, (a, b) in zip(columns, spans)}
+        for line in section[rule + 1 : end]
+    ]
+    return columns, rows, section[end + 1 :]
+
+
+def test_the_tour_opens_by_saying_what_sptutor_is_and_how_long_it_takes(printed):
+    """The opening paragraph names the oracle, the real code, what is measured and the time."""
+    opening = printed.split("\n1. ")[0]
+    for words in ("sequence parallelism", "oracle", "torch.distributed", "bytes", "seconds"):
+        assert words in opening, words
+
+
+@pytest.mark.parametrize("number", [1, 2, 3, 4])
+def test_every_section_opens_with_two_lines_of_what_it_shows(number, printed):
+    """Each section's title is followed by two indented lines of prose, then a blank line."""
+    section = _section(printed, number)
+    assert all(line.startswith("   ") and len(line) > 40 for line in section[1:3]), section[:4]
+    assert section[3] == "", section[:4]
+
+
+@pytest.mark.parametrize("number", [1, 2, 3, 4])
+def test_every_column_is_explained_in_the_legend_below_its_table(number, printed):
+    """Each column header appears among the names of a "names: meaning" legend entry."""
+    columns, rows, below = _table(_section(printed, number))
+    entries = [line for line in below if re.match(r"   \S", line)]
+    explained = {name for line in entries for name in line.split(": ")[0].strip().split(", ")}
+    assert rows and set(columns) <= explained, set(columns) - explained
+
+
+def test_the_tour_fits_100_columns(printed):
+    """No printed line is wider than 100 characters."""
+    assert max(len(line) for line in printed.splitlines()) <= 100
+
+
+def test_section_3_says_it_is_starting_processes_before_the_wait(printed):
+    """The launch is announced before the table, and its end reported."""
+    section = _section(printed, 3)
+    starting = next(i for i, line in enumerate(section) if "starting 4 gloo processes" in line)
+    done = next(i for i, line in enumerate(section) if line.strip().startswith("done in"))
+    assert 3 < starting < done < _rule(section)
+
+
+def test_the_printed_tables_keep_the_facts_the_rows_are_tested_for(printed):
+    """Folding rows into shorter tables keeps every method, exactness, the formulas, the ledgers,
+    and the balance: zigzag 1.00 where contiguous is 6.33 for a causal ring."""
+    merged = _table(_section(printed, 1))[1]
+    assert [row["layout"] for row in merged] == list(layout.LAYOUTS)
+    assert all(float(row["out err"]) <= FLOAT64 for row in merged)
+    rows = _table(_section(printed, 2))[1]
+    assert {row["method"].split()[0] for row in rows} == set(oracle.METHODS)
+    assert all(float(row["err"]) <= FLOAT64 and row["= formula"] == "True" for row in rows)
+    ring = next(row for row in rows if row["method"] == "ring" and row["causal"] == "True")
+    assert (ring["contiguous"], ring["zigzag"]) == ("6.33", "1.00")
+    assert all(row["zigzag"] in ("1.00", "-") for row in rows)
+    real = _table(_section(printed, 3))[1]
+    assert {row["method"].split()[0] for row in real} == set(oracle.METHODS)
+    assert all(row["ledger"] == "match" and row["= oracle"] == "True" for row in real)
+    costs = _table(_section(printed, 4))[1]
+    assert costs == [{k: str(v) for k, v in row.items()} for row in tour.cost_rows()]
+
+
+def test_the_closing_says_where_to_go_next(printed):
+    """The tour ends by naming the docs, the train and bench commands and the oracle API."""
+    closing = printed.split("Where to go next")[1]
+    for words in NEXT_STEPS:
+        assert words in closing, words
