@@ -169,3 +169,7 @@ print(f"dq summed over 4 blocks vs autograd of full attention: relative error {d
 # The ground truth these are checked against, `oracle.reference`, is written independently of
 # `blocks`: full score matrices, nothing clever. The next chapters build each paper's method
 # from these blocks, first in the oracle, then on real processes.
+#
+# Read next: [1. Ring Self-Attention](01_ring_self_attention.py); the functions used here are in
+# the API pages [sptutor.blocks](../api/blocks.md) and
+# [sptutor.oracle.reference](../api/oracle-reference.md).

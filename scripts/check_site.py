@@ -1,6 +1,6 @@
 """Open every page of the built docs site in a real headless browser and fail on what a reader
 would see broken: an HTTP error, a console error, a failed request (nothing may come from outside),
-math left unrendered, a broken image, or a chapter without outputs.
+math left unrendered, a broken image, a dead link inside the site, or a chapter without outputs.
 
 Usage: ``python scripts/check_site.py SITE_DIR [--shots DIR]`` (after ``mkdocs build``). The site
 is served on 127.0.0.1 on a free port; the browser is the system Chromium (Debian's ``chromium``,
@@ -17,6 +17,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
+from urllib.parse import unquote
 
 from playwright.sync_api import sync_playwright
 
@@ -34,6 +35,7 @@ VISIBLE_TEXT = """() => {
 BROKEN_IMAGES = """() => Array.from(document.images)
   .filter(img => !img.complete || img.naturalWidth === 0).map(img => img.src)"""
 CHAPTER_OUTPUTS = "() => document.querySelectorAll('.jp-OutputArea-output').length"
+LINKS = "() => Array.from(document.querySelectorAll('a[href]')).map(a => a.href)"
 UNRENDERED = ("\\(", "\\)", "\\[", "\\]", "$$")
 
 
@@ -58,7 +60,19 @@ def _pages(site: Path) -> list[str]:
     return pages
 
 
-def _check_page(page, url: str, path: str) -> list[str]:
+def _dead_links(hrefs: list[str], base: str, site: Path) -> list[str]:
+    """The links of a page into this site (resolved by the browser) whose target is missing."""
+    dead = []
+    for href in hrefs:
+        if not href.startswith(base):
+            continue  # another site (the papers on arXiv): not ours to check offline
+        target = site / unquote(href[len(base) :].split("#")[0].split("?")[0])
+        if not (target.is_file() or (target / "index.html").is_file()):
+            dead.append(href[len(base) :])
+    return sorted(set(dead))
+
+
+def _check_page(page, url: str, path: str, site: Path) -> list[str]:
     """Load one page; return its problems as sentences."""
     problems: list[str] = []
     page.on("console", lambda m: m.type == "error" and problems.append(f"console: {m.text}"))
@@ -71,6 +85,8 @@ def _check_page(page, url: str, path: str) -> list[str]:
     text = page.evaluate(VISIBLE_TEXT)
     problems += [f"unrendered math {mark!r}" for mark in UNRENDERED if mark in text]
     problems += [f"broken image {src}" for src in page.evaluate(BROKEN_IMAGES)]
+    base = url[: len(url) - len(path)]
+    problems += [f"dead link {href}" for href in _dead_links(page.evaluate(LINKS), base, site)]
     if path.startswith("chapters/") and page.evaluate(CHAPTER_OUTPUTS) == 0:
         problems.append("a chapter page with no executed output")
     return problems
@@ -91,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         for path in pages:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
-            problems = _check_page(page, base + path, path)
+            problems = _check_page(page, base + path, path, args.site)
             page.screenshot(path=str(shots / f"{path.strip('/').replace('/', '_') or 'home'}.png"),
                             full_page=True)  # fmt: skip
             page.close()

@@ -4,7 +4,8 @@ as a readable single-process oracle and as real torch.distributed code, and both
 against plain full attention. All of it runs on CPU processes; only 'sptutor bench kernels'
 wants a GPU.
 
-Start with 'sptutor tour', then train a tiny GPT with 'sptutor train --method ring'.
+Start with 'sptutor tour', then train a tiny GPT with 'sptutor train --method ring'; see one call's
+messages with 'sptutor trace ring --causal' and what each method costs with 'sptutor bench comm'.
 """
 
 from __future__ import annotations
@@ -12,10 +13,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from importlib import metadata
+from pathlib import Path
 
 import sptutor
 from sptutor import layout, train
+from sptutor.methods import METHODS
 
+DEFAULT_OUT = "sptutor-bench"  # where a bare ``bench --out`` writes, in the current directory
 EPILOG = """\
 Each command has its own options: 'sptutor train --help'. The chapters that explain the methods
 are in the docs/ folder of the sptutor repository ('mkdocs serve' there builds them), and the
@@ -42,6 +46,25 @@ TRAIN_HELP = {
     "seed": "seed of the weights and of the batches",
 }
 CHOICES = {"method": train.METHODS, "layout": layout.LAYOUTS, "dtype": ("float32", "float64")}
+TRACE_HELP = {
+    "world": "number of emulated ranks W",
+    "layout": "how the sequence is cut over the ranks (lasp, lasp2: contiguous only)",
+    "causal": "causal mask (default: off, as in oracle.simulate)",
+    "ulysses": "usp only: Ulysses degree U of its U x R mesh (default: 2)",
+    "seq_len": "sequence length S",
+    "heads_q": "query heads Hq",
+    "heads_kv": "key/value heads Hkv, dividing Hq",
+    "head_dim": "head size D",
+    "forward_only": "no backward: the forward's events only",
+}
+BENCHMARKS = {
+    "kernels": "Triton kernels vs PyTorch's fused attention (GPU)",
+    "lasp": "one LASP rank's time per token on the torch backend (CPU)",
+    "comm": "bytes sent per rank: ledger = sptutor.cost, next to the papers' formulas",
+    "memory": "bytes kept for backward per rank: oracle = sptutor.cost, next to full/W",
+    "balance": "useful work per rank under a causal mask, per layout",
+    "time": "wall time on 1, 2, 4 gloo processes / one process, forward + backward",
+}
 
 
 def version() -> str:
@@ -66,19 +89,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     about_tour = "measure and print what each sequence-parallel method rests on"
     commands.add_parser("tour", help=about_tour, description=_sentence(about_tour))
-    _add_bench_parser(commands)
+    trace_parser = _add_trace_parser(commands)
+    bench_parser = _add_bench_parser(commands)
     train_parser = _add_train_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "tour":
         from sptutor import tour
 
         tour.run()
+    if args.command == "trace":
+        return _trace(args, trace_parser)
     if args.command == "bench":
-        from sptutor import bench as benchmarks
-
-        if args.what == "lasp":
-            return benchmarks.run_lasp(quick=args.quick)
-        return benchmarks.run_kernels(dtype=args.dtype, quick=args.quick)
+        return _bench(args, bench_parser)
     if args.command == "train":
         return _train(args, train_parser)
     return 0
@@ -89,18 +111,86 @@ def _sentence(help_text: str) -> str:
     return help_text[:1].upper() + help_text[1:] + "."
 
 
-def _add_bench_parser(commands) -> None:
-    """``sptutor bench kernels|lasp``."""
-    about = "time sptutor's Triton kernels (GPU) or LASP's torch backend (CPU)"
-    bench = commands.add_parser("bench", help=about, description=_sentence(about))
-    bench.add_argument(
-        "what", choices=["kernels", "lasp"], help="kernels (GPU), or LASP's torch backend (CPU)"
-    )
+def _add_trace_parser(commands) -> argparse.ArgumentParser:
+    """``sptutor trace METHOD``: one option per field of ``sptutor.trace.TraceConfig``."""
+    from sptutor import trace
+
+    command = commands.add_parser(
+        "trace", help="show one simulated call's schedule: who sends what to whom, who computes",
+        description="Simulate one call of a method on small float64 inputs (the oracle) and print "
+        "its schedule: per rank and phase, each message with its bytes and each block computed "
+        "with its useful multiply-adds; or, with --out, draw it into a PNG or SVG file.",
+    )  # fmt: skip
+    command.add_argument("method", choices=METHODS, help="the method to trace")
+    for field in dataclasses.fields(trace.TraceConfig)[1:]:
+        flag = "--" + field.name.replace("_", "-")
+        if field.type == "bool":
+            command.add_argument(flag, action="store_true", help=TRACE_HELP[field.name])
+            continue
+        known = field.default is not None
+        command.add_argument(
+            flag, default=field.default, type=type(field.default) if known else int,
+            choices=CHOICES.get(field.name) if field.name == "layout" else None,
+            help=TRACE_HELP[field.name] + (" (default: %(default)s)" if known else ""),
+        )  # fmt: skip
+    command.add_argument(
+        "--out", type=Path, metavar="FILE",
+        help="write the picture to FILE (.png or .svg) instead of printing",
+    )  # fmt: skip
+    return command
+
+
+def _trace(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Check the call (``TraceConfig.check``) and ``--out`` up front; a broken one ends as
+    ``sptutor trace: error: <sentence>``, exit code 2."""
+    from sptutor import trace
+
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "out")}
+    config = trace.TraceConfig(**options)
+    try:
+        trace.check_out(args.out)
+        config.check()
+    except ValueError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    return trace.run(config, args.out)
+
+
+def _add_bench_parser(commands) -> argparse.ArgumentParser:
+    """``sptutor bench kernels|lasp|comm|memory|balance|time``."""
+    about = "benchmarks: bytes, memory and balance from the oracle; times on CPU processes or GPU"
+    bench = commands.add_parser(
+        "bench", help=about, description=_sentence(about) + " " + "; ".join(
+            f"{name}: {text}" for name, text in BENCHMARKS.items()) + ".",
+    )  # fmt: skip
+    bench.add_argument("what", choices=list(BENCHMARKS), help="which benchmark (see above)")
     bench.add_argument(
         "--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
         help="dtype of the kernels' inputs (kernels only) (default: %(default)s)",
     )  # fmt: skip
-    bench.add_argument("--quick", action="store_true", help="fewer, shorter sequences")
+    bench.add_argument("--quick", action="store_true", help="fewer, shorter cases")
+    bench.add_argument(
+        "--out", nargs="?", const=DEFAULT_OUT, type=Path, metavar="DIR",
+        help="comm, memory, balance, time: also write <what>.json (the figures) and <what>.png "
+        f"(a plot) into DIR, created if needed; --out alone: ./{DEFAULT_OUT} (default: print only)",
+    )  # fmt: skip
+    return bench
+
+
+def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Run the chosen benchmark; ``--out`` on kernels or lasp ends as an error, exit code 2."""
+    from sptutor import bench
+
+    if args.what in ("kernels", "lasp"):
+        if args.out is not None:
+            parser.exit(2, f"{parser.prog}: error: --out is for comm, memory, balance and time, "
+                        f"not {args.what}\n")  # fmt: skip
+        if args.what == "lasp":
+            return bench.run_lasp(quick=args.quick)
+        return bench.run_kernels(dtype=args.dtype, quick=args.quick)
+    from importlib import import_module
+
+    module = import_module(f"sptutor.bench.{'timing' if args.what == 'time' else args.what}")
+    return module.run(out=args.out, quick=args.quick)
 
 
 def _add_train_parser(commands) -> argparse.ArgumentParser:

@@ -18,7 +18,7 @@ from importlib import resources
 import torch
 import torch.distributed as dist
 
-from sptutor import launch, layout
+from sptutor import console, launch, layout
 from sptutor.checks import check_ulysses_heads
 from sptutor.mesh import check_mesh_sizes
 from sptutor.methods import METHODS
@@ -26,7 +26,6 @@ from sptutor.model import GPTConfig, TinyGPT
 from sptutor.parallel import Grid, average_gradients, make_grid
 
 CORPUS = "sequence_parallelism.txt"
-BAR_WIDTH = 20
 SIZES = ("world", "steps", "batch", "seq_len", "d_model", "heads_q", "heads_kv", "layers")
 
 
@@ -167,14 +166,6 @@ def local_batch(inputs: torch.Tensor, targets: torch.Tensor, grid: Grid, config:
     return inputs[rows][:, tokens], targets[rows][:, tokens]
 
 
-def progress_line(label: str, step: int, steps: int, loss: float, seconds: float) -> str:
-    """``ring  step  3/10 [######--------------] loss 4.1234  1.2 s``."""
-    done = round(BAR_WIDTH * step / steps)
-    bar = "#" * done + "-" * (BAR_WIDTH - done)
-    width = len(str(steps))
-    return f"{label:<8} step {step:>{width}}/{steps} [{bar}] loss {loss:.4f}  {seconds:.1f} s"
-
-
 def train_on_rank(rank: int, world: int, config: TrainConfig, verbose: bool) -> list[float]:
     """Body of each process: build the grid and the model, train, return the global losses."""
     ids, vocab = load_corpus()
@@ -193,9 +184,8 @@ def train_on_rank(rank: int, world: int, config: TrainConfig, verbose: bool) -> 
         optimizer.step()
         losses.append(_global_loss(loss, grid))
         if verbose and rank == 0:
-            line = progress_line(config.method, step + 1, config.steps, losses[-1],
-                                 time.perf_counter() - start)  # fmt: skip
-            print(line, flush=True)
+            console.step(config.method, step + 1, config.steps, losses[-1],
+                         time.perf_counter() - start)  # fmt: skip
     return losses
 
 
@@ -237,9 +227,8 @@ def train_single(config: TrainConfig, verbose: bool = True) -> list[float]:
         optimizer.step()
         losses.append(loss.item())
         if verbose:
-            line = progress_line(model_config.attention, step + 1, config.steps, losses[-1],
-                                 time.perf_counter() - start)  # fmt: skip
-            print(line, flush=True)
+            console.step(model_config.attention, step + 1, config.steps, losses[-1],
+                         time.perf_counter() - start)  # fmt: skip
     return losses
 
 

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from sptutor import layout, oracle, tour
+from sptutor import console, layout, oracle, tour
 
 FLOAT64 = 1e-12  # float64, the same math reordered: observed ~1e-16 (see tests/test_blocks.py)
 
@@ -109,7 +109,8 @@ def test_the_docs_print_the_tours_realistic_size_table():
 # what the closing must name: the docs site and its first pages, two commands, the oracle API
 NEXT_STEPS = (
     *("mkdocs serve", "Concepts", "Design", "Oracle and real code side by side"),
-    *("sptutor train --method ring --world 4", "sptutor train --help", "sptutor bench lasp"),
+    *("sptutor train --method ring --world 4", "sptutor train --help", "sptutor trace METHOD"),
+    "sptutor bench comm | memory | balance | time",
     *("sptutor.testing", "Point the oracle at your own code"),
 )
 
@@ -196,15 +197,15 @@ def test_the_printed_tables_keep_the_facts_the_rows_are_tested_for(printed):
     assert all(float(row["out err"]) <= FLOAT64 for row in merged)
     rows = _table(_section(printed, 2))[1]
     assert {row["method"].split()[0] for row in rows} == set(oracle.METHODS)
-    assert all(float(row["err"]) <= FLOAT64 and row["= formula"] == "True" for row in rows)
-    ring = next(row for row in rows if row["method"] == "ring" and row["causal"] == "True")
+    assert all(float(row["err"]) <= FLOAT64 and row["= formula"] == "yes" for row in rows)
+    ring = next(row for row in rows if row["method"] == "ring" and row["causal"] == "yes")
     assert (ring["contiguous"], ring["zigzag"]) == ("6.33", "1.00")
     assert all(row["zigzag"] in ("1.00", "-") for row in rows)
     real = _table(_section(printed, 3))[1]
     assert {row["method"].split()[0] for row in real} == set(oracle.METHODS)
-    assert all(row["ledger"] == "match" and row["= oracle"] == "True" for row in real)
+    assert all(row["ledger"] == "match" and row["= oracle"] == "yes" for row in real)
     costs = _table(_section(printed, 4))[1]
-    assert costs == [{k: str(v) for k, v in row.items()} for row in tour.cost_rows()]
+    assert costs == [{k: console.cell(v) for k, v in row.items()} for row in tour.cost_rows()]
 
 
 def test_the_closing_says_where_to_go_next(printed):

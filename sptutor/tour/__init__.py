@@ -11,10 +11,11 @@ import sys
 import textwrap
 import time
 
+from sptutor import console
 from sptutor.tour.measure import REAL_WORLD, cost_rows, merge_rows, oracle_rows, real_rows
-from sptutor.tour.tables import format_table, merge_table, oracle_table, real_table, summarize
+from sptutor.tour.tables import merge_table, oracle_table, real_table, summarize
 
-__all__ = ["cost_rows", "format_table", "merge_rows", "merge_table", "oracle_rows",
+__all__ = ["cost_rows", "merge_rows", "merge_table", "oracle_rows",
            "oracle_table", "real_rows", "real_table", "run", "summarize"]  # fmt: skip
 
 OPENING = """\
@@ -75,6 +76,14 @@ SECTIONS = {
          ("saved MiB/rank", "bytes the busiest rank keeps for backward, in MiB")]),
 }  # fmt: skip
 
+# the command that draws what each section measures
+PICTURES = {
+    1: "sptutor trace ring --layout zigzag --causal --out ring.png (who computes which block)",
+    2: "sptutor bench balance --out . (useful work per rank and layout, as bars)",
+    3: "sptutor trace usp --ulysses 2 --causal (every rank's messages, step by step)",
+    4: "sptutor bench comm --out . and sptutor bench memory --out . (bytes against W and S)",
+}
+
 CLOSING = """\
 Where to go next
    mkdocs serve        the docs site, from the repository root: start with the pages Concepts,
@@ -82,7 +91,11 @@ Where to go next
    sptutor train --method ring --world 4
                        train a tiny GPT with ring attention on 4 CPU processes; every option
                        (methods, layouts, sizes) is in 'sptutor train --help'
-   sptutor bench lasp  time LASP's torch backend on this CPU
+   sptutor trace METHOD
+                       one emulated call as a table of every rank's steps, or a picture (--out)
+   sptutor bench comm | memory | balance | time
+                       bytes, saved memory and balance against the closed forms and the papers,
+                       and wall time on 1-4 processes (--out DIR writes JSON and PNG)
    sptutor.testing     check your own attention code against the oracle: the README section
                        "Point the oracle at your own code" has the whole script"""
 
@@ -94,11 +107,17 @@ def _heading(number: int) -> None:
 
 
 def _table(number: int, rows: list[dict]) -> None:
-    """The table, then its legend: one "names: meaning" entry per column, wrapped to 96."""
-    print(format_table(rows) + "\n")
+    """The table (rich on a terminal, aligned text otherwise; floats as 1.0e-16), then its
+    legend: one "names: meaning" entry per column, wrapped to 96, then the picture to look at."""
+    columns = list(rows[0])
+    cells = [[f"{row[c]:.1e}" if isinstance(row[c], float) else row[c] for c in columns]
+             for row in rows]  # fmt: skip
+    console.table(cells, columns)
+    print()
     for names, meaning in SECTIONS[number][2]:
         print(textwrap.fill(f"{names}: {meaning}", 96, initial_indent="   ",
                             subsequent_indent="     ", break_on_hyphens=False))  # fmt: skip
+    print(f"   see it: {PICTURES[number]}")
     sys.stdout.flush()
 
 

@@ -55,17 +55,3 @@ def real_table(rows: list[dict]) -> list[dict]:
         "= oracle": lambda group: all(row["= oracle"] for row in group),
     }
     return summarize(rows, ("method",), reducers)
-
-
-def format_table(rows: list[dict]) -> str:
-    """Rows of equal keys as an aligned text table under a dashed rule (floats as 1.0e-16)."""
-    columns = list(rows[0])
-    cells = [
-        [f"{row[c]:.1e}" if isinstance(row[c], float) else str(row[c]) for c in columns]
-        for row in rows
-    ]
-    widths = [max(len(c), *(len(line[i]) for line in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
-    lines += ["  ".join("-" * w for w in widths)]
-    lines += ["  ".join(x.rjust(w) for x, w in zip(line, widths)) for line in cells]
-    return "\n".join(lines)

@@ -1,0 +1,173 @@
+"""``sptutor bench comm|memory|balance|time``: the oracle's bytes equal sptutor.cost exactly, the
+papers' counts relate to ours as the table says, causal work balance per layout is what counting
+unmasked pairs gives, and each command writes its figures as JSON and a readable PNG."""
+
+import json
+from dataclasses import replace
+from fractions import Fraction
+
+import pytest
+from matplotlib import image
+
+from sptutor import cli, console, cost
+from sptutor.bench import balance, comm, common, memory
+from sptutor.layout import LAYOUTS, all_positions
+from sptutor.methods import METHODS
+
+
+@pytest.fixture(scope="module")
+def comm_rows():
+    return comm.rows(quick=True)
+
+
+def _cost(row: dict, shape: cost.Shape) -> cost.Cost:
+    shape = replace(shape, seq_len=row["seq_len"])
+    return cost.of(row["method"], shape, row["world"], causal=True, ulysses=row["ulysses"])
+
+
+def test_every_ranks_bytes_from_the_ledger_equal_the_closed_form(comm_rows):
+    """Per rank and phase, the oracle's ledger sends exactly what sptutor.cost says, and the
+    table's ``= cost`` column is that equality (every method, W = 2, 4, 8, two S)."""
+    assert {(r["method"], r["world"]) for r in comm_rows} == {
+        (m, w) for m in METHODS for w in (2, 4, 8)}  # fmt: skip
+    for row in comm_rows:
+        closed = _cost(row, comm.SHAPE)
+        assert row["forward"] == list(closed.forward) and row["backward"] == list(closed.backward)
+        assert row["sent"] == row["cost_sent"]
+
+
+def test_the_rsa_paper_formula_is_our_count_for_float32_multi_head_attention(comm_rows):
+    """Li et al.'s 8(N−1)·B·Z·(L/N)·A elements, times 4 bytes, is exactly what each RSA rank
+    sends (MHA, float32): forward 2(N−1)·B·Z·(L/N)·A, backward 6(N−1)·B·Z·(L/N)·A."""
+    shape = comm.SHAPE
+    for row in (r for r in comm_rows if r["method"] == "rsa"):
+        world, seq_len = row["world"], row["seq_len"]
+        elements = shape.batch * shape.heads_q * (seq_len // world) * shape.head_dim
+        assert row["paper"] == row["sent"] == 8 * (world - 1) * elements * 4
+        assert max(row["forward"]) == 2 * (world - 1) * elements * 4
+        assert max(row["backward"]) == 6 * (world - 1) * elements * 4
+
+
+def test_the_other_papers_counts_relate_to_ours_as_the_notes_say(comm_rows):
+    """ours/paper: ring 3/2 − 1/W, ulysses (W−1)/W, usp within its bound, lasp (all ranks) 1,
+    lasp2 W−1; lss has no published count."""
+    expected = {
+        "ring": lambda w: Fraction(3, 2) - Fraction(1, w),
+        "ulysses": lambda w: Fraction(w - 1, w),
+        "lasp": lambda w: Fraction(1),
+        "lasp2": lambda w: Fraction(w - 1),
+    }
+    for row in comm_rows:
+        ours = row[row["compared"]]
+        if row["method"] == "lss":
+            assert row["paper"] is None
+        elif row["method"] == "usp":
+            assert ours <= row["paper"]
+        elif row["method"] in expected:
+            assert Fraction(ours) / Fraction(row["paper"]) == expected[row["method"]](row["world"])
+
+
+def test_saved_bytes_equal_the_closed_form_and_split_by_w_where_the_method_splits_all():
+    """``saved_bytes`` equals sptutor.cost on every rank; rsa, ring, ulysses and usp keep exactly
+    full/W; lss keeps more, more so as W grows (the gathered K and V)."""
+    rows = memory.rows(quick=True)
+    for row in rows:
+        assert row["saved_per_rank"] == list(_cost(row, memory.SHAPE).saved)
+        one_process = replace(memory.SHAPE, seq_len=row["seq_len"])
+        assert row["full"] == common.measure(row["method"], one_process, 1)["saved"]
+        if row["method"] in ("rsa", "ring", "ulysses", "usp"):
+            assert row["saved"] * row["world"] == row["full"]
+    lss = [r["saved"] / r["ideal"] for r in rows if r["method"] == "lss" and r["seq_len"] == 32]
+    assert 1 < lss[0] < lss[1] < lss[2]
+
+
+def test_causal_work_per_rank_is_the_count_of_unmasked_pairs_it_owns():
+    """Ring's useful MACs per rank are proportional to its unmasked (query, key) pairs,
+    sum over its positions p of p + 1: so zigzag is exactly 1.000, and at W=8, S=64 contiguous
+    is 484/36 (≈13.4) and striped 288/232 (≈1.24)."""
+    rows = balance.rows()
+    summary = {(r["method"], r["world"], r["layout"]): r["ratio"] for r in balance.ratios(rows)}
+    for world in balance.WORLDS:
+        for name in LAYOUTS:
+            pairs = [
+                int(sum(p + 1 for p in pos.tolist()))
+                for pos in all_positions(balance.SHAPE.seq_len, world=world, layout=name)
+            ]
+            macs = [r["macs"] for r in rows
+                    if (r["method"], r["world"], r["layout"]) == ("ring", world, name)]  # fmt: skip
+            assert all(Fraction(m, p) == Fraction(macs[0], pairs[0]) for m, p in zip(macs, pairs))
+        assert summary[("ring", world, "zigzag")] == 1.0
+        assert summary[("usp", world, "zigzag")] == 1.0
+    assert summary[("ring", 8, "contiguous")] == 484 / 36
+    assert summary[("ring", 8, "striped")] == 288 / 232
+    for method, world in (("ring", 4), ("ring", 8), ("usp", 4), ("usp", 8)):
+        contiguous, striped, zigzag = (
+            summary[(method, world, n)] for n in ("contiguous", "striped", "zigzag")
+        )
+        assert contiguous > striped > zigzag == 1.0
+
+
+def _read_png(path):
+    pixels = image.imread(path)
+    assert pixels.ndim == 3 and pixels.shape[0] > 50 and pixels.shape[1] > 50
+    return pixels
+
+
+@pytest.mark.parametrize("what", ["comm", "memory", "balance"])
+def test_bench_out_writes_the_printed_figures_as_json_and_a_png(what, tmp_path, capsys):
+    """``sptutor bench <what> --quick --out DIR`` exits 0, prints its table and writes
+    ``<what>.json`` holding the measured figures and a readable ``<what>.png``."""
+    assert cli.main(["bench", what, "--quick", "--out", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    figures = json.loads((tmp_path / f"{what}.json").read_text())
+    _read_png(tmp_path / f"{what}.png")
+    module = {"comm": comm, "memory": memory, "balance": balance}[what]
+    assert figures["what"] == what and figures["rows"] == module.rows(quick=True)
+    if what == "balance":
+        assert figures["ratios"] == balance.ratios(figures["rows"])
+        assert "1.000" in text and "max/min" in text
+    else:
+        assert " NO " not in text and "= cost" in text
+
+
+def test_bench_time_quick_prints_ratios_and_writes_them(tmp_path, capsys):
+    """``sptutor bench time --quick --out DIR`` (real gloo processes) times every method on 1
+    and 2 processes and the single-process reference; writes time.json and time.png. Times are
+    printed, never compared."""
+    assert cli.main(["bench", "time", "--quick", "--out", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    rows = json.loads((tmp_path / "time.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == list(cli.METHODS)
+    for row in rows:
+        assert row["single"] > 0 and set(row["ratio"]) == {"1", "2"}
+        assert all(ratio > 0 for ratio in row["ratio"].values())
+    assert "W=2 ratio" in text
+    _read_png(tmp_path / "time.png")
+
+
+def test_out_is_refused_for_the_timing_benchmarks_that_write_nothing(capsys):
+    """``--out`` on kernels or lasp is an error, exit code 2, one line."""
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["bench", "lasp", "--out", "somewhere"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == (
+        "sptutor bench: error: --out is for comm, memory, balance and time, not lasp\n"
+    )
+
+
+def test_plain_text_off_a_terminal_and_rich_boxes_on_one(monkeypatch, capsys):
+    """Off a terminal a table is aligned plain text under a dashed rule and a training step is
+    the plain line the logs are grepped for; on one (``console.fancy``) rich draws boxes."""
+    console.table([("ring", 1024, "1.000")], ("method", "bytes", "ratio"), title="t")
+    assert capsys.readouterr().out == (
+        "t\nmethod  bytes  ratio\n------  -----  -----\nring    1,024  1.000\n"
+    )
+    console.step("lss", 1, 3, 4.12345, 0.5)
+    assert (
+        capsys.readouterr().out == "lss      step 1/3 [#######-------------] loss 4.1235  0.5 s\n"
+    )
+    monkeypatch.setattr(console, "fancy", lambda: True)
+    console.table([("ring", 1024)], ("method", "bytes"))
+    assert "┃ method ┃" in capsys.readouterr().out
+    console.step("lss", 2, 3, 4.0, 1.0)
+    assert "loss 4.0000" in capsys.readouterr().out
