@@ -127,6 +127,7 @@ def balance(rows: list[dict[str, Any]], *, ax: Axes | None = None) -> Figure:
         frameon=False,
     )
     ax.set_title(
-        "Useful work per rank under each layout (max/min = 1.00: perfectly balanced)", fontsize=9
+        "Useful work per rank under each layout (each group: busiest / idlest rank; 1.00 = even)",
+        fontsize=9,
     )
     return fig
