@@ -72,6 +72,18 @@ def _dead_links(hrefs: list[str], base: str, site: Path) -> list[str]:
     return sorted(set(dead))
 
 
+def _rendered_text(page, patience_ms: int = 10_000) -> str:
+    """The visible text once KaTeX has run (it renders after load, later on a busy machine):
+    poll until no raw delimiter is left, or ``patience_ms`` has passed."""
+    waited = 0
+    while True:
+        text = page.evaluate(VISIBLE_TEXT)
+        if not any(mark in text for mark in UNRENDERED) or waited >= patience_ms:
+            return text
+        page.wait_for_timeout(250)
+        waited += 250
+
+
 def _check_page(page, url: str, path: str, site: Path) -> list[str]:
     """Load one page; return its problems as sentences."""
     problems: list[str] = []
@@ -81,8 +93,7 @@ def _check_page(page, url: str, path: str, site: Path) -> list[str]:
     response = page.goto(url, wait_until="networkidle")
     if response is None or response.status != 200:
         problems.append(f"HTTP {None if response is None else response.status}")
-    page.wait_for_timeout(300)  # KaTeX renders on document$ after load
-    text = page.evaluate(VISIBLE_TEXT)
+    text = _rendered_text(page)
     problems += [f"unrendered math {mark!r}" for mark in UNRENDERED if mark in text]
     problems += [f"broken image {src}" for src in page.evaluate(BROKEN_IMAGES)]
     base = url[: len(url) - len(path)]

@@ -223,7 +223,8 @@ def schedule(sim: Any, *, ax: Axes | None = None) -> Figure:
     placed = {p: _events.columns(events, p) for p in PHASES if any(e.phase == p for e in events)}
     widths = [max(column.values()) + 1 for column in placed.values()]
     total = sum(widths) + len(widths) - 1  # one empty column between the phases
-    fig, ax = axes_for(ax, (min(max(2.0 + 0.42 * total, 7.0), 60.0), 2.2 + 0.5 * world))
+    # at least 10 x 3.6 in: the title and the legend below need that room even for few events
+    fig, ax = axes_for(ax, (min(max(2.0 + 0.42 * total, 10.0), 60.0), max(3.6, 2.2 + 0.5 * world)))
     start = 0
     for (phase, column), width in zip(placed.items(), widths):
         if start:
