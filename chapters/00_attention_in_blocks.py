@@ -15,19 +15,12 @@
 # Tensors are `(B, S, H, D)`: batch, sequence, heads, head dim (sequence before heads).
 
 # %% tags=["hide-input"]
-import inspect
 
 import torch
-from IPython.display import Code, display
 
 from sptutor import blocks, layout, oracle
+from sptutor.notebook import show
 from sptutor.testing import relative_error
-
-
-def show(function) -> None:
-    """Display a library function's source, read from the installed package (never pasted)."""
-    display(Code(inspect.getsource(function), language="python"))
-
 
 _ = torch.manual_seed(0)  # seeded: every number below is reproducible
 

@@ -19,24 +19,17 @@
 # the real code on 4 processes.
 
 # %% tags=["hide-input"]
-import inspect
 
 import matplotlib.pyplot as plt
 import torch
-from IPython.display import Code, display
 
 import sptutor
 from sptutor import cost, launch, layout, ledger, oracle, plots, rows
 from sptutor import rsa as real_rsa
 from sptutor.ledger import wire_bytes
+from sptutor.notebook import show
 from sptutor.oracle import rsa as oracle_rsa
 from sptutor.testing import relative_error
-
-
-def show(function) -> None:
-    """Display a library function's source, read from the installed package (never pasted)."""
-    display(Code(inspect.getsource(function), language="python"))
-
 
 _ = torch.manual_seed(0)  # seeded: every number below is reproducible
 

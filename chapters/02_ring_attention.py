@@ -23,25 +23,18 @@
 # values.
 
 # %% tags=["hide-input"]
-import inspect
 from fractions import Fraction
 
 import matplotlib.pyplot as plt
 import torch
-from IPython.display import Code, Markdown, display
 
 import sptutor
 import sptutor.ring
 from sptutor import cost, launch, layout, ledger, oracle, plots
+from sptutor.notebook import show
 from sptutor.oracle import reference
 from sptutor.oracle import ring as oracle_ring
 from sptutor.testing import relative_error
-
-
-def show(function) -> None:
-    """Display a library function's source, read from the installed package (never pasted)."""
-    display(Markdown(f"`{function.__module__}.{function.__qualname__}`"))
-    display(Code(inspect.getsource(function), language="python"))
 
 
 def random_inputs(batch, seq_len, heads_q, heads_kv, head_dim, seed=0):

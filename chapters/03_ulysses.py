@@ -14,24 +14,17 @@
 # Shapes: a rank holds `(B, S/W, Hq, D)` before the first all-to-all and `(B, S, Hq/U, D)` after.
 
 # %% tags=["hide-input"]
-import inspect
 
 import matplotlib.pyplot as plt
 import torch
-from IPython.display import Code, Markdown, display
 
 import sptutor
 import sptutor.ulysses
 from sptutor import checks, cost, launch, layout, ledger, oracle, plots
+from sptutor.notebook import show
 from sptutor.oracle import reference
 from sptutor.oracle import ulysses as oracle_ulysses
 from sptutor.testing import relative_error
-
-
-def show(function) -> None:
-    """Display a library function's source, read from the installed package (never pasted)."""
-    display(Markdown(f"`{function.__module__}.{function.__qualname__}`"))
-    display(Code(inspect.getsource(function), language="python"))
 
 
 def random_inputs(batch, seq_len, heads_q, heads_kv, head_dim, seed=0):

@@ -17,23 +17,17 @@
 # real code on 4 processes against the oracle.
 
 # %% tags=["hide-input"]
-import inspect
 import itertools
 
 import matplotlib.pyplot as plt
 import torch
-from IPython.display import Code, display
 
 import sptutor.usp as real_usp
 from sptutor import cost, launch, layout, oracle, plots
 from sptutor.mesh import make_usp_mesh
+from sptutor.notebook import show
 from sptutor.oracle import usp as oracle_usp
 from sptutor.testing import relative_error
-
-
-def show(function) -> None:
-    """Display a library function's source, read from the installed package (never pasted)."""
-    display(Code(inspect.getsource(function), language="python"))
 
 
 def random_inputs(B, S, Hq, Hkv, D, dtype=torch.float64, seed=0):

@@ -30,24 +30,17 @@
 #    group and once over the data-parallel group, so that SP × DP trains like one process.
 
 # %% tags=["hide-input"]
-import inspect
 
 import matplotlib.pyplot as plt
 import torch
-from IPython.display import Code, display
 
 import sptutor
 from sptutor import cost, launch, layout, ledger, oracle, parallel, plots, train
 from sptutor import lss as real_lss
 from sptutor.model import GPTConfig, TinyGPT
+from sptutor.notebook import show
 from sptutor.oracle import lss as oracle_lss
 from sptutor.testing import relative_error
-
-
-def show(function) -> None:
-    """Display a library function's source, read from the installed package (never pasted)."""
-    display(Code(inspect.getsource(function), language="python"))
-
 
 _ = torch.manual_seed(0)  # seeded: every number below is reproducible
 

@@ -15,25 +15,18 @@
 # ledgers, their bytes as $S$ grows, their sequential steps, and the real code on 4 processes.
 
 # %% tags=["hide-input"]
-import inspect
 import math
 
 import matplotlib.pyplot as plt
 import torch
-from IPython.display import Code, display
 
 import sptutor.lasp
 import sptutor.lasp2
 import sptutor.oracle.lasp
 import sptutor.oracle.lasp2
 from sptutor import chunks, cost, launch, oracle, plots
+from sptutor.notebook import show
 from sptutor.testing import oracle_tolerance, relative_error
-
-
-def show(function) -> None:
-    """Display a library function's source, read from the installed package (never pasted)."""
-    display(Code(inspect.getsource(function), language="python"))
-
 
 _ = torch.manual_seed(0)  # seeded: every number below is reproducible
 

@@ -14,21 +14,15 @@
 # the table because their costs are the contrast, but they are not a drop-in replacement.
 
 # %% tags=["hide-input"]
-import inspect
 import itertools
 
 import matplotlib.pyplot as plt
 import torch
-from IPython.display import Code, display
 
 from sptutor import cost, oracle, plots
 from sptutor.checks import check_ulysses_heads
 from sptutor.methods import METHODS
-
-
-def show(function) -> None:
-    """Display a library function's source, read from the installed package (never pasted)."""
-    display(Code(inspect.getsource(function), language="python"))
+from sptutor.notebook import show
 
 
 def random_inputs(B, S, Hq, Hkv, D, dtype=torch.float32, seed=0):

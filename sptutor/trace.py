@@ -59,8 +59,8 @@ class TraceConfig:
             raise ValueError(f"only usp has a Ulysses degree, got ulysses={self.ulysses}")
         if self.method == "usp":
             check_mesh_sizes(self.degree, self.world // self.degree, self.world)
-        one_token_q = torch.empty(1, 1, self.heads_q, 1)  # (B, S, Hq, D): only the heads matter
-        one_token_kv = torch.empty(1, 1, self.heads_kv, 1)
+        one_token_q = torch.zeros(1, 1, self.heads_q, 1)  # (B, S, Hq, D): only the heads matter
+        one_token_kv = torch.zeros(1, 1, self.heads_kv, 1)
         checks.check_qkv(one_token_q, one_token_kv, one_token_kv)
         heads_split_over = {"ulysses": self.world, "usp": self.degree}.get(self.method)
         if heads_split_over:

@@ -27,7 +27,7 @@ single-process oracle that emulates all W ranks and as real torch.distributed co
 ulysses, usp (Ulysses inside a ring) and lss for softmax attention, lasp and lasp2 for linear
 attention. On small float64 inputs the tour checks that each method is exact, counts the bytes
 it sends and keeps for backward and how evenly it shares the work, then prices it at a realistic
-size. Four sections, about 5 seconds on two CPU cores; no GPU needed."""
+size. Four sections, 5 to 20 seconds on two CPU cores; no GPU needed."""
 
 ERR = "relative error ‖a−b‖/‖b‖"
 # number: (title, two lines of what the section shows and why it matters, legend of its columns)
@@ -45,12 +45,12 @@ SECTIONS = {
          "must equal full attention, and its bytes the closed forms that section 4 prices."),
         [("method", "usp u=2 = Ulysses over 2 ranks inside a ring of 2 (B=1, S=32, Hq=4, Hkv=2,"
           " D=16, float64)"),
-         ("causal", "True = each token sees only earlier ones (lasp, lasp2 also decay per head)"),
+         ("causal", "yes = each token sees only earlier ones (lasp, lasp2 also decay per head)"),
          ("err", f"largest {ERR} of out, LSE, dq, dk, dv against full attention and autograd,"
           " over the layouts"),
          ("fwd B, bwd B, saved B", "bytes (B) the busiest rank sends in forward, sends in"
           " backward, keeps for backward; the same under every layout"),
-         ("= formula", "True when every rank's sent and kept bytes equal the closed form of"
+         ("= formula", "yes when every rank's sent and kept bytes equal the closed form of"
           " sptutor.cost exactly, under every layout"),
          ("contiguous, zigzag, striped", "work max/min under that layout: useful multiply-adds"
           " of the busiest rank over the idlest, 1.00 = balanced; - = not run (linear methods"
@@ -65,7 +65,7 @@ SECTIONS = {
           " peer, bytes, phase, step)"),
          ("saved B", "bytes (B) autograd keeps for backward on the busiest rank (saved-tensor"
           " hooks)"),
-         ("= oracle", "True when every rank keeps exactly the bytes the oracle counts")]),
+         ("= oracle", "yes when every rank keeps exactly the bytes the oracle counts")]),
     4: ("At a realistic size: what a rank sends and keeps",
         ("The closed forms checked above, for a Llama-3-8B-like attention layer: RSA keeps S²/W",
          "scores, LSS all of K and V, ring/Ulysses/USP O(S/W) bytes; LASP sends D×D states only."),
