@@ -136,6 +136,9 @@ def title(sim) -> str:
             f"B={batch} S={seq_len} Hq={heads_q} Hkv={heads_kv} D={head_dim} float64")  # fmt: skip
 
 
+EVENTS_PER_TABLE = 3  # event cells are up to ~28 characters wide
+
+
 def show(sim) -> None:
     """Print the call's schedule, one table per phase, and each rank's totals."""
     console.say(title(sim))
@@ -144,9 +147,14 @@ def show(sim) -> None:
         width = max(len(lane) for lane in lanes)
         if width == 0:
             continue
-        rows = [[rank, *lane, *[""] * (width - len(lane))] for rank, lane in enumerate(lanes)]
-        console.table(rows, ("rank", *(str(i) for i in range(1, width + 1))),
-                      title=f"{phase}: each rank's events in its own order")  # fmt: skip
+        padded = [[*lane, *[""] * (width - len(lane))] for lane in lanes]
+        # a few events per table, so that a table fits a terminal of 100 columns
+        for first in range(0, width, EVENTS_PER_TABLE):
+            last = min(first + EVENTS_PER_TABLE, width)
+            rows = [[rank, *lane[first:last]] for rank, lane in enumerate(padded)]
+            columns = ("rank", *(f"event {i}" for i in range(first + 1, last + 1)))
+            console.table(rows, columns, title=f"{phase}, events {first + 1}-{last} of {width}:"
+                          " each rank's events in its own order")  # fmt: skip
     totals = [(rank, token_runs(sim.positions[rank]), sim.ledger.bytes_sent(rank, "forward"),
                sim.ledger.bytes_sent(rank, "backward"), record.saved_bytes,
                sim.ledger.macs(rank)) for rank, record in enumerate(sim.ranks)]  # fmt: skip
