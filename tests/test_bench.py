@@ -171,3 +171,23 @@ def test_plain_text_off_a_terminal_and_rich_boxes_on_one(monkeypatch, capsys):
     assert "┃ method ┃" in capsys.readouterr().out
     console.step("lss", 2, 3, 4.0, 1.0)
     assert "loss 4.0000" in capsys.readouterr().out
+
+
+def test_the_figures_docs_pictures_states_are_the_ones_the_benchmarks_compute():
+    """docs/pictures.md quotes the balance table of causal ring at S=64 and lss's saved/ideal at
+    W = 2, 4, 8; both are recomputed here (to the 3 decimals printed) so the page cannot drift."""
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "pictures.md").read_text()
+    computed = {(r["layout"], r["world"]): r["ratio"]
+                for r in balance.ratios(balance.rows()) if r["method"] == "ring"}  # fmt: skip
+    for lay in LAYOUTS:
+        quoted = re.search(rf"^\| {lay} \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", page, re.M)
+        assert quoted, lay
+        assert [float(x) for x in quoted.groups()] == [
+            round(computed[(lay, w)], 3) for w in balance.WORLDS
+        ]
+    lss = {r["world"]: r["saved"] / r["ideal"] for r in memory.rows() if r["method"] == "lss"}
+    quoted = re.search(r"\(([\d.]+), ([\d.]+), ([\d.]+) at W = 2, 4, 8\)", page)
+    assert [float(x) for x in quoted.groups()] == [round(lss[w], 3) for w in (2, 4, 8)]
