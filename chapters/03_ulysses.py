@@ -16,7 +16,6 @@
 # %% tags=["hide-input"]
 
 import matplotlib.pyplot as plt
-import torch
 
 import sptutor
 import sptutor.ulysses
@@ -24,18 +23,7 @@ from sptutor import checks, cost, launch, layout, ledger, oracle, plots
 from sptutor.notebook import show
 from sptutor.oracle import reference
 from sptutor.oracle import ulysses as oracle_ulysses
-from sptutor.testing import relative_error
-
-
-def random_inputs(batch, seq_len, heads_q, heads_kv, head_dim, seed=0):
-    """Seeded float64 q, dout: (B, S, Hq, D) and k, v: (B, S, Hkv, D)."""
-    generator = torch.Generator().manual_seed(seed)
-    shapes = [(heads_q,), (heads_kv,), (heads_kv,), (heads_q,)]
-    return [
-        torch.randn(batch, seq_len, *h, head_dim, generator=generator, dtype=torch.float64)
-        for h in shapes
-    ]
-
+from sptutor.testing import random_inputs, relative_error
 
 # %% [markdown]
 # ## The all-to-all: from sequence to heads and back

@@ -27,15 +27,7 @@ from sptutor import cost, launch, layout, oracle, plots
 from sptutor.mesh import make_usp_mesh
 from sptutor.notebook import show
 from sptutor.oracle import usp as oracle_usp
-from sptutor.testing import relative_error
-
-
-def random_inputs(B, S, Hq, Hkv, D, dtype=torch.float64, seed=0):
-    """Full q, dout: (B, S, Hq, D) and k, v: (B, S, Hkv, D), seeded."""
-    generator = torch.Generator().manual_seed(seed)
-    q, dout = (torch.randn(B, S, Hq, D, dtype=dtype, generator=generator) for _ in range(2))
-    k, v = (torch.randn(B, S, Hkv, D, dtype=dtype, generator=generator) for _ in range(2))
-    return q, k, v, dout
+from sptutor.testing import random_inputs, relative_error
 
 
 def message_keys(sim, rank=None):

@@ -23,14 +23,7 @@ from sptutor import cost, oracle, plots
 from sptutor.checks import check_ulysses_heads
 from sptutor.methods import METHODS
 from sptutor.notebook import show
-
-
-def random_inputs(B, S, Hq, Hkv, D, dtype=torch.float32, seed=0):
-    """Full q, dout: (B, S, Hq, D) and k, v: (B, S, Hkv, D), seeded."""
-    generator = torch.Generator().manual_seed(seed)
-    q, dout = (torch.randn(B, S, Hq, D, dtype=dtype, generator=generator) for _ in range(2))
-    k, v = (torch.randn(B, S, Hkv, D, dtype=dtype, generator=generator) for _ in range(2))
-    return q, k, v, dout
+from sptutor.testing import random_inputs
 
 
 def most_sent(c: cost.Cost) -> int:
@@ -98,7 +91,7 @@ ROUNDS = {
 }
 print(f"{'W':>2} " + " ".join(f"{m:>7}" for m in METHODS))
 for W in (2, 4, 8):
-    q, k, v, dout = random_inputs(1, 32, 8, 2, 4)
+    q, k, v, dout = random_inputs(1, 32, 8, 2, 4, dtype=torch.float32)
     counted = {}
     for method in METHODS:
         U = 2 if method == "usp" else None
@@ -120,7 +113,7 @@ print("non-causal lasp at W=8:", rounds(lasp_non_causal.ledger), "rounds (all-re
 
 # %%
 B, S, Hq, Hkv, D, W, U = 1, 32, 8, 2, 8, 4, 2
-q, k, v, dout = random_inputs(B, S, Hq, Hkv, D)
+q, k, v, dout = random_inputs(B, S, Hq, Hkv, D, dtype=torch.float32)
 shape = cost.Shape.of(q, k)
 print(f"B={B}, S={S}, Hq={Hq}, Hkv={Hkv}, D={D}, W={W}, float32, causal")
 print(f"{'method':<8} {'sent/rank':>11} {'rounds':>7} {'saved/rank':>11}   ledger == cost")
@@ -154,7 +147,9 @@ show(cost.usp)
 # %%
 real = cost.Shape(1, 32768, 32, 8, 128, torch.bfloat16)
 W, U = 16, 8
-q, k, v, dout = random_inputs(1, 32, 16, 8, 4)  # tiny: rounds depend only on W and U
+q, k, v, dout = random_inputs(
+    1, 32, 16, 8, 4, dtype=torch.float32
+)  # tiny: rounds depend only on W and U
 print(f"B=1, S=32768, Hq=32, Hkv=8, D=128, bf16, causal, W={W} (usp: U={U}, R={W // U})")
 print(f"{'method':<8} {'sent/rank':>11} {'rounds':>7} {'saved/rank':>11}")
 big = {}
@@ -201,7 +196,7 @@ print(f"USP on 64 ranks (U=8, R=8): {format_bytes(c.forward[0] + c.backward[0])}
 # on 4 ranks:
 
 # %%
-q, k, v, dout = random_inputs(1, 64, 2, 2, 8)
+q, k, v, dout = random_inputs(1, 64, 2, 2, 8, dtype=torch.float32)
 rows, imbalance = [], {}
 for lay in ("contiguous", "zigzag", "striped"):
     sim = oracle.simulate("ring", q, k, v, dout, world=4, causal=True, layout=lay)
@@ -342,7 +337,7 @@ plt.show()
 
 # %%
 B, S, H, D, W = 1, 32, 4, 8, 4
-q, k, v, dout = random_inputs(B, S, H, H, D)
+q, k, v, dout = random_inputs(B, S, H, H, D, dtype=torch.float32)
 unit = B * H * (S // W) * D * q.element_size()  # B·Z·(L/N)·A elements, in bytes
 rsa = oracle.simulate("rsa", q, k, v, dout, world=W)
 assert rsa.ledger.bytes_sent(0, "forward") == 2 * (W - 1) * unit

@@ -36,10 +36,32 @@ __all__ = [
     "assert_no_worse_than_baseline",
     "compare_with_oracle",
     "oracle_tolerance",
+    "random_inputs",
     "relative_error",
     "run_case",
     "tolerance",
 ]
+
+
+def random_inputs(
+    batch: int,
+    seq_len: int,
+    heads_q: int,
+    heads_kv: int,
+    head_dim: int,
+    *,
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+) -> tuple[torch.Tensor, ...]:
+    """Seeded standard-normal full inputs q, k, v, dout: q, dout (B, S, Hq, D) and k, v
+    (B, S, Hkv, D), drawn in float64 (in that order) and rounded to ``dtype``, so every dtype
+    sees the same numbers."""
+    generator = torch.Generator().manual_seed(seed)
+    q_shape, kv_shape = (batch, seq_len, heads_q, head_dim), (batch, seq_len, heads_kv, head_dim)
+    return tuple(
+        torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
+        for shape in (q_shape, kv_shape, kv_shape, q_shape)
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,14 +93,8 @@ class Case:
 
     def inputs(self) -> tuple[torch.Tensor, ...]:
         """Full q, dout: (B, S, Hq, D) and k, v: (B, S, Hkv, D); the same on every process."""
-        generator = torch.Generator().manual_seed(self.seed)
-        q_shape = (self.batch, self.seq_len, self.heads_q, self.head_dim)
-        kv_shape = (self.batch, self.seq_len, self.heads_kv, self.head_dim)
-        dtype = getattr(torch, self.dtype)
-        return tuple(
-            torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
-            for shape in (q_shape, kv_shape, kv_shape, q_shape)
-        )
+        shape = (self.batch, self.seq_len, self.heads_q, self.heads_kv, self.head_dim)
+        return random_inputs(*shape, dtype=getattr(torch, self.dtype), seed=self.seed)
 
     def decay_tensor(self) -> torch.Tensor | None:
         """decay as a (Hq,) tensor of the inputs' dtype, or None."""

@@ -6,6 +6,7 @@ import torch
 from hypothesis import strategies as st
 
 from sptutor import layout
+from sptutor.testing import random_inputs
 
 HEAD_DIMS = (1, 3, 8, 16, 24, 40)  # odd sizes on purpose
 
@@ -27,8 +28,7 @@ def attention_inputs(
     seed: int, batch: int, seq_len: int, heads_q: int, heads_kv: int, head_dim: int
 ) -> list[torch.Tensor]:
     """Seeded float64 q, k, v, dout: q, dout (B, S, Hq, D) and k, v (B, S, Hkv, D)."""
-    q_shape, kv_shape = (batch, seq_len, heads_q, head_dim), (batch, seq_len, heads_kv, head_dim)
-    return tensors(seed, q_shape, kv_shape, kv_shape, q_shape)
+    return list(random_inputs(batch, seq_len, heads_q, heads_kv, head_dim, seed=seed))
 
 
 @st.composite

@@ -63,7 +63,8 @@ def _matrix(sim: Any, steps: dict[tuple[int, int], list[int]]) -> np.ndarray:
 
 
 def _block_tokens(sim: Any, block: int) -> np.ndarray:
-    """The global positions of ``block``: its ulysses group's tokens (its own when U = 1)."""
+    """The global positions of rank ``block``'s ulysses group (its own tokens when U = 1): the
+    keys of its K/V block, and the queries it attends after Ulysses' all-to-all."""
     first = block // sim.ulysses * sim.ulysses
     return np.concatenate([sim.positions[r].numpy() for r in range(first, first + sim.ulysses)])
 
@@ -84,7 +85,8 @@ def _label_rectangles(sim: Any, steps) -> list[tuple[str, str, float, float, int
     labels = []
     for (rank, block), tile_steps in sorted(steps.items()):
         text = ",".join(map(str, tile_steps))
-        for q_first, q_last in runs(sim.positions[rank].numpy()):
+        # under USP a rank attends the queries of its whole ulysses group (for H/U heads)
+        for q_first, q_last in runs(_block_tokens(sim, rank)):
             for k_first, k_last in runs(_block_tokens(sim, block)):
                 if sim.causal and q_last < k_first:
                     continue  # the whole rectangle is above the diagonal: masked
