@@ -61,8 +61,9 @@ def _forward(world, q, k, v, positions, causal, scale):
                 q[rank], k_block, v_block, positions[rank], positions[src], causal, scale
             )
             world.compute(
-                rank, _macs(q[rank], positions[rank], positions[src], causal), "forward", block=src
-            )
+                rank, _macs(q[rank], positions[rank], positions[src], causal), "forward",
+                block=src, result={"out": block_out, "lse": block_lse},
+            )  # fmt: skip
             # merge partial outputs by their LSE (online softmax)
             out[rank], lse[rank] = blocks.merge(out[rank], lse[rank], block_out, block_lse)
     return [o.to(q[0].dtype) for o in out], lse, kv_gathered
@@ -87,7 +88,8 @@ def _backward(world, dout, q, kv_gathered, out, lse, positions, causal, scale):
                 positions[rank], positions[src], causal, scale,
             )  # fmt: skip
             world.compute(rank, _macs(q[rank], positions[rank], positions[src], causal,
-                                      backward=True), "backward", block=src)  # fmt: skip
+                                      backward=True), "backward", block=src,
+                          result={"dq": block_dq, "dk": block_dk, "dv": block_dv})  # fmt: skip
             dq[rank] += block_dq
             dkv_shares[rank][src] = torch.stack((block_dk, block_dv))
     # one fused reduce-scatter: the owner of each block receives the sum of every rank's share

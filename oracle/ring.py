@@ -43,7 +43,8 @@ def _forward(world, q, k, v, positions, causal, scale):
                     q[rank], k_block, v_block, positions[rank], positions[src], causal, scale
                 )
                 world.compute(rank, _macs(q[rank], positions[rank], positions[src], causal),
-                              "forward", step, block=src)  # fmt: skip
+                              "forward", step, block=src,
+                              result={"out": block_out, "lse": block_lse})  # fmt: skip
                 # merge partial outputs by their LSE (online softmax)
                 out[rank], lse[rank] = blocks.merge(out[rank], lse[rank], block_out, block_lse)
         if step < W - 1:
@@ -73,7 +74,8 @@ def _backward(world, dout, q, k, v, out, lse, positions, causal, scale):
                     positions[rank], positions[src], causal, scale,
                 )  # fmt: skip
                 world.compute(rank, _macs(q[rank], positions[rank], positions[src], causal,
-                                          backward=True), "backward", step, block=src)  # fmt: skip
+                                          backward=True), "backward", step, block=src,
+                              result={"dq": block_dq, "dk": block_dk, "dv": block_dv})  # fmt: skip
                 dq[rank] += block_dq
                 dk_acc, dv_acc = dkv_from_prev_rank[rank]
                 dkv_from_prev_rank[rank] = [dk_acc + block_dk, dv_acc + block_dv]

@@ -7,7 +7,7 @@ import importlib
 import torch
 
 from sptutor.checks import check_decay, check_linear_layout, check_qkv
-from sptutor.layout import all_positions, check_layout, shard, unshard
+from sptutor.layout import all_positions, check_layout, check_partition, shard_by, unshard_by
 from sptutor.methods import LINEAR_METHODS, METHODS, SOFTMAX_METHODS
 from sptutor.oracle.world import Simulation, World
 
@@ -23,7 +23,9 @@ def _emulator(method: str):
         raise ValueError(f"the {method} oracle is not written yet") from missing
 
 
-def _check_options(method, q, k, v, dout, world, causal, layout, ulysses, decay, scale) -> int:
+def _check_options(
+    method, q, k, v, dout, world, causal, layout, ulysses, decay, scale, positions
+) -> int:
     """Validate everything before emulating (see Design, *Errors*); returns the Ulysses degree U."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -42,7 +44,16 @@ def _check_options(method, q, k, v, dout, world, causal, layout, ulysses, decay,
     elif decay is not None:
         raise ValueError(f"decay is for linear attention (lasp, lasp2), not {method}")
     ulysses = ulysses or 1
-    check_layout(q.shape[1], world=world, layout=layout, ulysses=ulysses)
+    if positions is None:
+        check_layout(q.shape[1], world=world, layout=layout, ulysses=ulysses)
+        return ulysses
+    if method in LINEAR_METHODS:
+        raise ValueError(f"{method} carries its state rank to rank: it takes no positions")
+    if len(positions) != world:
+        raise ValueError(f"positions must have one tensor per rank, W={world}, got {len(positions)}")
+    check_partition(positions, q.shape[1])
+    if world % ulysses:
+        raise ValueError(f"ulysses degree must divide the world, got W={world}, U={ulysses}")
     return ulysses
 
 
@@ -59,23 +70,33 @@ def simulate(
     ulysses: int | None = None,
     decay: torch.Tensor | None = None,
     scale: float | None = None,
+    positions: list[torch.Tensor] | None = None,
+    record_steps: bool = False,
 ) -> Simulation:
     """Emulate ``method`` on ``world`` ranks, full (B, S, H, D) inputs, sequence before heads.
 
     Returns full-size results, every rank's record and the ledger.
 
     q: (B, S, Hq, D); k, v: (B, S, Hkv, D) full, unsharded inputs; dout: (B, S, Hq, D) or None
-    (forward only). They are sharded with ``layout`` (composed with ``ulysses=U`` for usp).
+    (forward only). They are sharded with ``layout`` (composed with ``ulysses=U`` for usp), or
+    by ``positions`` when given: ``positions[r]`` (S/W,) the global positions rank r holds, in
+    order (every position once; softmax methods only; ``layout`` is then ignored).
+    ``record_steps`` keeps what every step computed in ``Simulation.steps``.
     Returns a ``Simulation``: out (B, S, Hq, D), lse (B, Hq, S) (None for linear methods),
     dq, dk, dv full-size (None without dout), ``ranks[r]`` what rank r holds, and the ledger.
     """
-    degree = _check_options(method, q, k, v, dout, world, causal, layout, ulysses, decay, scale)
+    degree = _check_options(
+        method, q, k, v, dout, world, causal, layout, ulysses, decay, scale, positions
+    )
     seq_len, head_dim = q.shape[1], q.shape[3]
+    if positions is None:
+        positions = all_positions(seq_len, world=world, layout=layout, ulysses=degree)
+    else:
+        positions, layout = [p.to(torch.long).cpu() for p in positions], "custom"
 
-    def cut(x: torch.Tensor | None, dim: int = 1) -> list[torch.Tensor] | None:
-        return None if x is None else shard(x, world=world, layout=layout, ulysses=degree, dim=dim)
+    def cut(x: torch.Tensor | None) -> list[torch.Tensor] | None:
+        return None if x is None else shard_by(x, positions)
 
-    positions = all_positions(seq_len, world=world, layout=layout, ulysses=degree)
     options = {"positions": positions, "causal": causal}
     if method in SOFTMAX_METHODS:
         options["scale"] = head_dim**-0.5 if scale is None else scale
@@ -83,16 +104,17 @@ def simulate(
         options["ulysses"] = degree
     if method in LINEAR_METHODS:
         options["decay"] = decay
-    emulated = World(list(range(world)))
+    emulated = World(list(range(world)), steps=[] if record_steps else None)
     records = _emulator(method)(emulated, cut(q), cut(k), cut(v), cut(dout), **options)
 
     def glue(name: str, dim: int = 1) -> torch.Tensor | None:
         parts = [getattr(record, name) for record in records]
-        return None if parts[0] is None else unshard(parts, layout=layout, ulysses=degree, dim=dim)
+        return None if parts[0] is None else unshard_by(parts, positions, dim=dim)
 
     return Simulation(
         out=glue("out"), lse=glue("lse", dim=2), dq=glue("dq"), dk=glue("dk"), dv=glue("dv"),
         ranks=records, ledger=emulated.ledger, method=method, world=world, layout=layout,
         causal=causal, ulysses=degree, positions=positions, decay=decay,
         shape=(q.shape[0], seq_len, q.shape[2], k.shape[2], head_dim),
+        steps=emulated.steps or [],
     )  # fmt: skip

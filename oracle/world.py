@@ -34,11 +34,32 @@ class Pending:
 
 
 @dataclass
+class StepRecord:
+    """What one rank computed at one step, kept when a simulation records its steps.
+
+    ``rank``: the global rank that computed; ``block``: the global rank whose K, V block it was
+    (None when not one block); ``tensors``: e.g. ``out``/``lse`` of that block alone (B, S/W,
+    Hq, D) / (B, Hq, S/W) in forward, or its ``dq``, ``dk``, ``dv`` in backward.
+    """
+
+    rank: int
+    phase: str
+    step: int
+    block: int | None
+    tensors: dict[str, torch.Tensor]
+
+
+@dataclass
 class World:
-    """A group of emulated ranks sharing one ledger (sub-groups share their parent's)."""
+    """A group of emulated ranks sharing one ledger (sub-groups share their parent's).
+
+    ``steps`` is None unless the simulation records what every step computed (a list of
+    :class:`StepRecord`, shared with sub-groups).
+    """
 
     ranks: list[int]
     ledger: Ledger = field(default_factory=Ledger)
+    steps: list[StepRecord] | None = None
     _mailbox: dict[tuple[int, int], list[torch.Tensor]] = field(default_factory=dict, repr=False)
 
     @property
@@ -48,7 +69,7 @@ class World:
 
     def group(self, members: list[int]) -> World:
         """A sub-group of this world's ranks (indices into ``self.ranks``), same ledger."""
-        return World([self.ranks[i] for i in members], self.ledger)
+        return World([self.ranks[i] for i in members], self.ledger, self.steps)
 
     def _log(self, op: str, index: int, peer: int | None, size: int, phase: str, step: int) -> None:
         nbytes_sent = wire_bytes(op, size, self.size)
@@ -57,14 +78,24 @@ class World:
         self.ledger.log(event)
 
     def compute(
-        self, index: int, macs: int, phase: str, step: int = 0, *, block: int | None = None
+        self,
+        index: int,
+        macs: int,
+        phase: str,
+        step: int = 0,
+        *,
+        block: int | None = None,
+        result: dict[str, torch.Tensor] | None = None,
     ) -> None:
         """Log that rank ``index`` did ``macs`` useful multiply-adds, on the block of rank
-        ``block`` (an index into this group, logged as a global rank) if it was one block."""
+        ``block`` (an index into this group, logged as a global rank) if it was one block;
+        ``result`` (what the step computed) is kept when the world records its steps."""
         owner = None if block is None else self.ranks[block]
         event = CommEvent("compute", self.ranks[index], None, 0, phase, step, macs,
                           group=tuple(self.ranks), block=owner)  # fmt: skip
         self.ledger.log(event)
+        if self.steps is not None and result is not None:
+            self.steps.append(StepRecord(self.ranks[index], phase, step, owner, result))
 
     def ring_shift(self, tensors: list[list[torch.Tensor]], *, phase: str, step: int) -> Pending:
         """Every rank sends its tensors to the next rank and receives the previous rank's.
@@ -164,8 +195,10 @@ class Simulation:
     """What ``oracle.simulate`` returns: full-size results, per-rank records, the ledger, and the
     call that produced them (what the pictures of ``sptutor.plots`` need besides the ledger).
 
-    ``positions[r]``: (S/W,) the global positions rank r owns; ``shape``: (B, S, Hq, Hkv, D) of
-    the full inputs; ``ulysses``: U (1 unless usp); ``decay`` as passed (linear methods).
+    ``positions[r]``: (S/W,) the global positions rank r owns (``layout`` is "custom" when they
+    were passed in); ``shape``: (B, S, Hq, Hkv, D) of the full inputs; ``ulysses``: U (1 unless
+    usp); ``decay`` as passed (linear methods); ``steps``: what each step computed, in order, when
+    asked for (``record_steps=True``; ring and lss record every block).
     """
 
     out: torch.Tensor
@@ -183,3 +216,4 @@ class Simulation:
     positions: list[torch.Tensor] = field(default_factory=list)
     shape: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
     decay: torch.Tensor | None = None
+    steps: list[StepRecord] = field(default_factory=list)

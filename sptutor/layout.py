@@ -100,13 +100,8 @@ def shard(
     Returns a list of ``W`` tensors, shard r of shape ``(B, S/W, H, D)`` holding the tokens
     ``positions(S, world=W, rank=r, ...)`` in that order.
     """
-    seq_len = x.shape[dim]
-    return [
-        x.index_select(
-            dim, positions(seq_len, world=world, rank=r, layout=layout, ulysses=ulysses)
-        ).contiguous()
-        for r in range(world)
-    ]
+    owned = all_positions(x.shape[dim], world=world, layout=layout, ulysses=ulysses)
+    return shard_by(x, owned, dim=dim)
 
 
 def unshard(
@@ -117,17 +112,50 @@ def unshard(
     ``shards``: ``W`` tensors of shape ``(B, S/W, H, D)`` (sequence on ``dim``).
     Returns the full tensor ``(B, S, H, D)``; ``unshard(shard(x)) == x`` exactly.
     """
-    world = len(shards)
-    seq_len = sum(s.shape[dim] for s in shards)
     sizes = {s.shape[dim] for s in shards}
     if len(sizes) != 1:
         raise ValueError(
             f"all shards must hold S/W tokens along dim {dim}, got sizes {sorted(sizes)}"
         )
+    seq_len = sum(s.shape[dim] for s in shards)
+    owned = all_positions(seq_len, world=len(shards), layout=layout, ulysses=ulysses)
+    return unshard_by(shards, owned, dim=dim)
+
+
+def check_partition(owned: list[torch.Tensor], seq_len: int) -> None:
+    """Raise ``ValueError`` unless ``owned`` (W integer tensors of S/W positions each, one per
+    rank) holds every position of ``0..S-1`` exactly once: a layout of one's own."""
+    if not owned or any(not isinstance(p, torch.Tensor) or p.dim() != 1 for p in owned):
+        raise ValueError("positions must be a non-empty list of 1-D tensors, one per rank")
+    if any(p.dtype.is_floating_point or p.dtype == torch.bool for p in owned):
+        raise ValueError(f"positions must be integer tensors, got {[p.dtype for p in owned]}")
+    lengths = [len(p) for p in owned]
+    if len(set(lengths)) != 1 or sum(lengths) != seq_len:
+        raise ValueError(
+            f"every rank must own S/W positions of S={seq_len}, got {lengths} for W={len(owned)}"
+        )
+    counts = torch.bincount(torch.cat(owned).cpu(), minlength=seq_len)
+    if len(counts) != seq_len or not bool((counts == 1).all()):
+        missing = (counts[:seq_len] == 0).nonzero().flatten().tolist()
+        raise ValueError(
+            f"positions must hold each of 0..{seq_len - 1} exactly once; missing {missing[:8]}"
+            f"{' ...' if len(missing) > 8 else ''}, or one is repeated or out of range"
+        )
+
+
+def shard_by(x: torch.Tensor, owned: list[torch.Tensor], *, dim: int = 1) -> list[torch.Tensor]:
+    """Shards of ``x`` for explicit positions: shard r holds the tokens ``owned[r]`` (S/W,), in
+    that order, along ``dim`` (``x``: e.g. (B, S, H, D))."""
+    return [x.index_select(dim, pos.to(x.device)).contiguous() for pos in owned]
+
+
+def unshard_by(
+    shards: list[torch.Tensor], owned: list[torch.Tensor], *, dim: int = 1
+) -> torch.Tensor:
+    """The inverse of :func:`shard_by`: shard r's tokens go back to positions ``owned[r]``."""
     full_shape = list(shards[0].shape)
-    full_shape[dim] = seq_len
+    full_shape[dim] = sum(s.shape[dim] for s in shards)
     full = shards[0].new_empty(full_shape)
-    for rank, part in enumerate(shards):
-        pos = positions(seq_len, world=world, rank=rank, layout=layout, ulysses=ulysses)
+    for pos, part in zip(owned, shards):
         full.index_copy_(dim, pos.to(part.device), part)
     return full
