@@ -6,10 +6,12 @@ gets a timeout far above its start-up, so a report that names a death or an erro
 was made before the timeout ran out.
 """
 
+import multiprocessing
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -164,3 +166,50 @@ def test_children_that_die_while_starting_and_a_missing_main_guard_are_explained
     assert done.returncode != 0
     assert 'under `if __name__ == "__main__":`' in done.stderr
     assert "bootstrapping phase" not in done.stderr  # Python's own error, once per child
+
+
+BACKENDS_SCRIPT = """
+from torch import backends
+from torch.backends import cudnn
+
+import sptutor.backends
+from sptutor import launch
+
+
+def body(rank, world):
+    return rank, type(backends).__name__, type(cudnn).__name__, sptutor.backends.__name__
+
+
+if __name__ == "__main__":
+    print(launch.spawn(body, 2))
+"""
+
+
+def test_a_script_using_torch_backends_runs_under_spawn(tmp_path):
+    """torch.backends and torch.backends.cudnn are instances of ModuleType subclasses, which
+    cloudpickle alone cannot pickle: spawn ships a __main__ function using them by name."""
+    script = tmp_path / "backends_user.py"
+    script.write_text(BACKENDS_SCRIPT)
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    names = "'GenericModule', 'CudnnModule', 'sptutor.backends'"
+    assert done.stdout.strip() == f"[(0, {names}), (1, {names})]"
+
+
+_LOCK = threading.Lock()
+
+
+def test_a_global_that_does_not_pickle_is_named_before_any_process_starts():
+    """A function using a module-level lock cannot travel: the TypeError names the global and
+    says to import or create it inside the function, and no child was started."""
+
+    def body(rank, world):
+        with _LOCK:
+            return rank
+
+    pattern = r"^spawn cannot send (.*)body to its ranks: `_LOCK`, a _thread.lock that (.*)body "
+    with pytest.raises(TypeError, match=pattern + r"uses, cannot be pickled(.*)create it inside"):
+        launch.spawn(body, 2)
+    assert multiprocessing.active_children() == []
