@@ -50,7 +50,7 @@ def _check_options(
     if method in LINEAR_METHODS:
         raise ValueError(f"{method} carries its state rank to rank: it takes no positions")
     if len(positions) != world:
-        raise ValueError(f"positions must have one tensor per rank, W={world}, got {len(positions)}")
+        raise ValueError(f"positions needs one tensor per rank: W={world}, got {len(positions)}")
     check_partition(positions, q.shape[1])
     if world % ulysses:
         raise ValueError(f"ulysses degree must divide the world, got W={world}, U={ulysses}")

@@ -6,6 +6,7 @@ wants a GPU.
 
 Start with 'sptutor tour', then train a tiny GPT with 'sptutor train --method ring'; see one call's
 messages with 'sptutor trace ring --causal' and what each method costs with 'sptutor bench comm'.
+Check your own implementation with 'sptutor check my_module:my_ring --method ring'.
 """
 
 from __future__ import annotations
@@ -92,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     trace_parser = _add_trace_parser(commands)
     bench_parser = _add_bench_parser(commands)
     train_parser = _add_train_parser(commands)
+    from sptutor.checker import command as check_command
+
+    check_parser = check_command.add_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "tour":
         from sptutor import tour
@@ -103,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         return _bench(args, bench_parser)
     if args.command == "train":
         return _train(args, train_parser)
+    if args.command == "check":
+        return check_command.run(args, check_parser)
     return 0
 
 

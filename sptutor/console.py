@@ -84,23 +84,30 @@ def _rich_table(texts, columns, numeric, title, notes) -> None:
 
 
 def _plain_table(texts, columns, numeric, title, notes) -> None:
-    """An aligned text table under a dashed rule, like the tour's."""
+    print(plain_table(texts, columns, numeric, title=title, notes=notes))
+
+
+def plain_table(
+    texts: Sequence[Sequence[str]],
+    columns: Sequence[str],
+    numeric: Sequence[bool],
+    *,
+    title: str | None = None,
+    notes: Sequence[str] = (),
+) -> str:
+    """An aligned text table under a dashed rule, like the tour's (text cells; ``numeric``
+    columns right-aligned); a cell's newlines become spaces."""
     lines = [[" ".join(t.split("\n")) for t in row] for row in texts]
     widths = [max(len(c), *(len(line[i]) for line in lines)) for i, c in enumerate(columns)]
 
     def join(values):
         return "  ".join(
             v.rjust(w) if n else v.ljust(w) for v, w, n in zip(values, widths, numeric)
-        )
+        ).rstrip()
 
-    if title:
-        print(title)
-    print(join(columns).rstrip())
-    print("  ".join("-" * w for w in widths))
-    for line in lines:
-        print(join(line).rstrip())
-    for note in notes:
-        print(note)
+    head = [title] if title else []
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([*head, join(columns), rule, *map(join, lines), *notes])
 
 
 def say(text: str, style: str = "bold") -> None:

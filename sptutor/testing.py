@@ -1,11 +1,12 @@
-"""The oracle API for other implementations: run a per-rank attention function on every rank and
-compare each rank's shards, messages and saved-for-backward bytes with ``oracle.simulate``.
+"""The oracle API: check an attention function, yours or sptutor's, against the oracle.
 
-:func:`run_case` runs an attention function (sptutor's, or yours) on one rank of a launch;
-:func:`compare_with_oracle` compares every rank's results with the oracle's and returns one
-:class:`Comparison` per rank, whose :meth:`~Comparison.report` says in words whether the numbers
-match (the verdict) and how messages and memory compare (information). The tolerance rule these
-comparisons use lives in ``sptutor.tolerances`` and is re-exported here.
+:func:`check` (from ``sptutor.checker``) is the one call for your own code: a sweep of cases in
+one launch, a verdict per case, and a diagnosis in words of the smallest failing case.
+
+:func:`run_case` and :func:`compare_with_oracle` are the exact, lower-level pair sptutor's own
+tests use: run a case on one rank of a launch, then compare every rank's shards, its messages
+and its saved-for-backward bytes with the oracle's (sptutor's methods must match all three
+exactly). The tolerance rule lives in ``sptutor.tolerances`` and is re-exported here.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import torch
 import torch.distributed as dist
 
 import sptutor
-from sptutor import blocks, layout, ledger, oracle
+from sptutor import blocks, ledger, oracle
+from sptutor.checker import Adapter, Case, Report, Sweep, check, check_sptutor, random_inputs
 from sptutor.tolerances import (
     BASELINE_FACTOR,
     TOLERANCE,
@@ -30,10 +32,15 @@ from sptutor.tolerances import (
 __all__ = [
     "BASELINE_FACTOR",
     "TOLERANCE",
+    "Adapter",
     "Case",
     "Comparison",
+    "Report",
+    "Sweep",
     "assert_close",
     "assert_no_worse_than_baseline",
+    "check",
+    "check_sptutor",
     "compare_with_oracle",
     "oracle_tolerance",
     "random_inputs",
@@ -43,90 +50,12 @@ __all__ = [
 ]
 
 
-def random_inputs(
-    batch: int,
-    seq_len: int,
-    heads_q: int,
-    heads_kv: int,
-    head_dim: int,
-    *,
-    dtype: torch.dtype = torch.float64,
-    seed: int = 0,
-) -> tuple[torch.Tensor, ...]:
-    """Seeded standard-normal full inputs q, k, v, dout: q, dout (B, S, Hq, D) and k, v
-    (B, S, Hkv, D), drawn in float64 (in that order) and rounded to ``dtype``, so every dtype
-    sees the same numbers."""
-    generator = torch.Generator().manual_seed(seed)
-    q_shape, kv_shape = (batch, seq_len, heads_q, head_dim), (batch, seq_len, heads_kv, head_dim)
-    return tuple(
-        torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
-        for shape in (q_shape, kv_shape, kv_shape, q_shape)
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    """One call of a real method on the global ranks ``members``, with seeded full inputs.
-
-    ``ulysses`` is USP's Ulysses degree U; ``decay`` the per-head decay of linear methods;
-    ``backend`` where the blocks are computed (see Design, *Public API*).
-    """
-
-    method: str
-    members: tuple[int, ...]
-    layout: str
-    causal: bool
-    batch: int
-    seq_len: int
-    heads_q: int
-    heads_kv: int
-    head_dim: int
-    dtype: str = "float64"
-    seed: int = 0
-    ulysses: int | None = None
-    decay: tuple[float, ...] | None = None
-    backend: str = "auto"
-
-    @property
-    def is_linear(self) -> bool:
-        return self.method in oracle.LINEAR_METHODS
-
-    def inputs(self) -> tuple[torch.Tensor, ...]:
-        """Full q, dout: (B, S, Hq, D) and k, v: (B, S, Hkv, D); the same on every process."""
-        shape = (self.batch, self.seq_len, self.heads_q, self.heads_kv, self.head_dim)
-        return random_inputs(*shape, dtype=getattr(torch, self.dtype), seed=self.seed)
-
-    def decay_tensor(self) -> torch.Tensor | None:
-        """decay as a (Hq,) tensor of the inputs' dtype, or None."""
-        return (
-            None
-            if self.decay is None
-            else torch.tensor(self.decay, dtype=getattr(torch, self.dtype))
-        )
-
-    def options(self, group, mesh) -> dict:
-        """Keyword arguments of the real method: its signature in Design, *Public API*."""
-        if self.is_linear:
-            return dict(causal=self.causal, decay=self.decay_tensor(), group=group,
-                        backend=self.backend)  # fmt: skip
-        if self.method == "usp":
-            return dict(causal=self.causal, layout=self.layout, mesh=mesh, backend=self.backend)
-        return dict(causal=self.causal, layout=self.layout, group=group, backend=self.backend)
-
-    def shards(self, local: int) -> tuple[torch.Tensor, ...]:
-        """This group rank's q, k, v, dout shards."""
-        world, lay, degree = len(self.members), self.layout, self.ulysses or 1
-        return tuple(
-            layout.shard(x, world=world, layout=lay, ulysses=degree)[local] for x in self.inputs()
-        )
-
-
 def run_case(case: Case, group, attention=None, mesh=None) -> dict:
     """On one member rank: forward and backward of ``attention`` on this rank's shards.
 
-    ``attention`` defaults to sptutor's ``<case.method>_attention``; pass your own (same
-    keywords; see Design, *Public API*) to check it. ``mesh`` is the ``make_usp_mesh`` result for
-    usp.
+    ``attention`` defaults to sptutor's ``<case.method>_attention``; another function must take
+    the same keywords (see Design, *Public API*; :func:`check` takes any signature). ``mesh`` is
+    the ``make_usp_mesh`` result for usp.
     Returns this rank's out, lse (None for linear methods), dq, dk, dv, its message events
     (``CommEvent.key()``) and the bytes autograd saved for backward.
     """

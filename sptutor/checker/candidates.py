@@ -1,0 +1,167 @@
+"""The catalogue of common mistakes a wrong tensor is compared with: what each (rank, tensor)
+would hold after the mistake, built from the oracle's records (per-step blocks for ring and
+lss) and from the ground truth with a convention changed.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+
+import torch
+
+from sptutor import blocks, layout, oracle
+from sptutor.checker.cases import Case
+
+
+def candidates(case, expected, results, local, name) -> Iterator[tuple[torch.Tensor, str]]:
+    """(tensor, what it would mean) pairs, most specific first, built lazily."""
+    sim, records = expected.sim, expected.sim.ranks
+    for other, record in enumerate(records):
+        if other != local:
+            yield getattr(record, name), (
+                f"it is rank {case.members[other]}'s {name} (a shard went to the wrong rank: a "
+                "wrong peer, a missed hop, or another token layout than the case's)")  # fmt: skip
+    if name in ("dk", "dv"):
+        other = "dv" if name == "dk" else "dk"
+        yield getattr(records[local], other), f"it holds {other}: dK and dV are swapped"
+        yield records[local].dk + records[local].dv, "it holds dk + dv: the two are summed"
+    yield from _step_candidates(case, sim, local, name)
+    yield from _convention_candidates(case, expected, local, name)
+    truth = getattr(records[local], name)
+    mine = results[local][name].double()
+    factor = (mine * truth).sum() / (truth * truth).sum().clamp_min(1e-300)
+    if abs(factor.item() - 1) > 1e-3:
+        yield factor * truth, (f"it is {factor.item():.4g} times the right value (a scale "
+                               "factor: e.g. averaged over ranks instead of summed)")  # fmt: skip
+
+
+def _step_candidates(case, sim, local, name) -> Iterator[tuple[torch.Tensor, str]]:
+    """Mistakes about steps, from the oracle's per-block records (ring and lss)."""
+    if case.method not in ("ring", "lss") or not sim.steps:
+        return
+    rank = case.members[local]
+    if name in ("out", "lse"):
+        made = {s.block: s.tensors for s in sim.steps if s.rank == rank and s.phase == "forward"}
+        order = list(made)
+        index = 0 if name == "out" else 1
+        subsets = [([rank], "only this rank's own block: the blocks it received are not merged")]
+        last = "only the last block it received: each step overwrites the result instead of "
+        subsets.append(([order[-1]], last + "merging it (the LSE rescale is missing)"))
+        for left_out in order if len(order) > 1 else []:
+            subsets.append(([b for b in order if b != left_out],
+                            f"the block of rank {left_out} is missing from the merge"))  # fmt: skip
+        for chosen, meaning in subsets:
+            if all(b in made for b in chosen):
+                yield _merge([made[b] for b in chosen])[index], meaning
+        if name == "out" and len(order) > 1:
+            summed = sum(made[b]["out"] for b in order)
+            yield summed, "the sum of the blocks' outputs: merged without the LSE weights"
+            yield summed / len(order), "the mean of the blocks' outputs, not their LSE merge"
+        if name == "lse":
+            yield torch.zeros_like(sim.ranks[local].lse), "the LSE is zero: never computed"
+            yield torch.stack([made[b]["lse"] for b in order]).amax(0), (
+                "the largest block LSE, not the log-sum-exp of all blocks")  # fmt: skip
+        return
+    made = [s for s in sim.steps if s.phase == "backward"]
+    if name == "dq":
+        mine = {s.block: s.tensors["dq"] for s in made if s.rank == rank}
+        parts = [(b, mine[b]) for b in mine]
+    else:
+        parts = [(s.rank, s.tensors[name]) for s in made if s.block == rank]
+    if len(parts) < 2:
+        return
+    total = sum(part for _, part in parts)
+    whose = "the block of rank {}" if name == "dq" else "rank {}'s queries"
+    for source, part in parts:
+        yield total - part, f"the contribution of {whose.format(source)} is missing"
+    own = [part for source, part in parts if source == rank]
+    if own:
+        yield own[0], (f"only this rank's own contribution: the {name} accumulators that "
+                       "travelled never came home, or were never added")  # fmt: skip
+
+
+def _merge(parts: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """LSE merge of block results, as the oracle merges them."""
+    out, lse = torch.zeros_like(parts[0]["out"]), torch.full_like(parts[0]["lse"], -torch.inf)
+    for part in parts:
+        out, lse = blocks.merge(out, lse, part["out"], part["lse"])
+    return out, lse
+
+
+def _convention_candidates(case, expected, local, name) -> Iterator[tuple[torch.Tensor, str]]:
+    """Whole-sequence mistakes (the causal flag, the diagonal, the softmax scale, the decay),
+    for outputs and gradients alike; a ring run the wrong way round; a rank's chunk alone."""
+    pos = expected.owned[local]
+    dim = 2 if name == "lse" else 1
+    for meaning, full in _variants(case, expected.sim.dq is not None):
+        if full.get(name) is not None:
+            yield full[name].index_select(dim, pos), meaning
+    if case.method == "ring" and name in ("out", "lse"):
+        yield _ring_reversed(case, expected, local)[name], (
+            "K, V travel the ring the wrong way (sent to rank - 1, received from rank + 1), so "
+            "each block is masked with another rank's positions")  # fmt: skip
+    if case.is_linear:
+        q, k, v, dout = (x.index_select(1, pos) for x in case.inputs(torch.float64))
+        alone = _with_grads(oracle.full_linear_attention, (q, k, v), dout,
+                            case.causal, case.decay_tensor(torch.float64))  # fmt: skip
+        if alone.get(name) is not None:
+            yield (
+                alone[name],
+                "only this rank's own chunk: the state from earlier ranks is not added",
+            )
+
+
+@functools.lru_cache(maxsize=8)
+def _variants(case: Case, backward: bool) -> list[tuple[str, dict]]:
+    """Full-sequence results (and gradients) of the usual convention mistakes."""
+    q, k, v, dout = case.inputs(torch.float64)
+    dout = dout if backward else None
+    if case.is_linear:
+        decay, found = case.decay_tensor(torch.float64), []
+        if decay is not None:
+            found.append(("the decay is not applied", (True, None)))
+            found.append(("the decay factor was taken for a slope", (True, torch.exp(-decay))))
+        else:
+            found.append(("the causal flag is flipped: does it reach your function?",
+                          (not case.causal, None)))  # fmt: skip
+        return [(meaning, _with_grads(oracle.full_linear_attention, (q, k, v), dout, *options))
+                for meaning, options in found]  # fmt: skip
+    kind = "non-causal" if case.causal else "causal"
+    found = [(f"it is the {kind} result: does the causal flag reach your function?",
+              dict(causal=not case.causal))]  # fmt: skip
+    if case.causal:
+        positions = torch.arange(case.seq_len)
+        found.append(("the diagonal is masked: each query misses its own key (a strict < mask)",
+                      dict(causal=True, q_pos=positions, k_pos=positions + 1)))  # fmt: skip
+    found.append(("the scores are not scaled by 1/sqrt(D)", dict(causal=case.causal, scale=1.0)))
+    return [(meaning, _with_grads(oracle.full_attention, (q, k, v), dout, **options))
+            for meaning, options in found]  # fmt: skip
+
+
+def _with_grads(attention, inputs, dout, *args, **options) -> dict:
+    """out (and lse) of ``attention`` on leaf copies of ``inputs``, and dq, dk, dv for dout."""
+    q, k, v = (x.detach().clone().requires_grad_(dout is not None) for x in inputs)
+    result = attention(q, k, v, *args, **options)
+    out, lse = result if isinstance(result, tuple) else (result, None)
+    found = {"out": out.detach(), "lse": None if lse is None else lse.detach()}
+    if dout is not None:
+        found |= dict(zip(("dq", "dk", "dv"), torch.autograd.grad(out, (q, k, v), dout)))
+    return found
+
+
+def _ring_reversed(case, expected, local) -> dict:
+    """Rank ``local``'s out and lse if blocks came from rank + step but were masked as the
+    block of rank - step (the ring's peers swapped)."""
+    world = case.world
+    q, k, v = (layout.shard_by(x, expected.owned) for x in case.inputs(torch.float64)[:3])
+    positions = expected.owned
+    scale = case.head_dim**-0.5
+    parts = []
+    for step in range(world):
+        data, masked_as = (local + step) % world, (local - step) % world
+        out, lse = blocks.attention_block(q[local], k[data], v[data], positions[local],
+                                          positions[masked_as], case.causal, scale)  # fmt: skip
+        parts.append({"out": out, "lse": lse})
+    out, lse = _merge(parts)
+    return {"out": out, "lse": lse}

@@ -1,0 +1,182 @@
+"""One case's verdict: every rank's shards against the oracle's, at the tolerance of the dtype
+the case computes in; messages and saved bytes beside it, as information unless enforced.
+
+The oracle runs in float64 on the case's inputs (rounded to its dtype first), so an error is
+your code's own: at most ``tolerance(dtype)`` for float64 and float32; for float16 and bfloat16
+at most 2x (3x for gradients) the error of plain torch attention computed in that dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from sptutor import oracle
+from sptutor.checker.cases import Case
+from sptutor.tolerances import BASELINE_FACTOR, relative_error, tolerance
+
+NAMES = ("out", "lse", "dq", "dk", "dv")
+GRADIENTS = ("dq", "dk", "dv")
+
+
+@dataclasses.dataclass
+class RankVerdict:
+    """How one rank's results compare: ``errors[name]`` relative error of each tensor checked
+    (inf when missing or misshapen, with the reason in ``problems``), ``limits[name]`` its
+    tolerance, ``information`` messages and memory in words."""
+
+    rank: int
+    errors: dict[str, float]
+    limits: dict[str, float]
+    problems: list[str]
+    information: list[str]
+
+    @property
+    def wrong(self) -> list[str]:
+        """The tensors beyond their tolerance."""
+        return [name for name, e in self.errors.items() if not e <= self.limits[name]]
+
+    @property
+    def passed(self) -> bool:
+        return not self.wrong and not self.problems
+
+
+@dataclasses.dataclass
+class Expected:
+    """The oracle's side of a case: the simulation (float64, steps recorded), the one in the
+    case's dtype (``accounts``: its ledger and saved bytes), each rank's positions, and the
+    tolerance of each (rank, tensor)."""
+
+    sim: oracle.Simulation
+    accounts: oracle.Simulation
+    owned: list[torch.Tensor]
+    limits: list[dict[str, float]]
+
+
+def expect(case: Case, owned: list[torch.Tensor], backward: bool) -> Expected:
+    """Run the oracle on ``case`` in float64 and work out each tensor's tolerance."""
+    q, k, v, dout = case.inputs(torch.float64)
+    custom = case.layout == "custom"
+    sim = oracle.simulate(
+        case.method, q, k, v, dout if backward else None, world=case.world, causal=case.causal,
+        layout="contiguous" if custom else case.layout, ulysses=case.ulysses,
+        decay=case.decay_tensor(torch.float64), positions=owned if custom else None,
+        record_steps=True,
+    )  # fmt: skip
+    dtype = case.torch_dtype
+    # bytes on the wire and kept for backward depend on the dtype: the oracle at the case's own
+    accounts = sim if dtype == torch.float64 else oracle.simulate(
+        case.method, q.to(dtype), k.to(dtype), v.to(dtype), dout.to(dtype) if backward else None,
+        world=case.world, causal=case.causal, layout="contiguous" if custom else case.layout,
+        ulysses=case.ulysses, decay=case.decay_tensor(), positions=owned if custom else None,
+    )  # fmt: skip
+    if dtype in (torch.float64, torch.float32):
+        flat = {name: tolerance(dtype) for name in NAMES}
+        limits = [dict(flat) for _ in range(case.world)]
+    else:
+        limits = _baseline_limits(case, sim, owned, backward)
+    return Expected(sim, accounts, owned, limits)
+
+
+def _baseline_limits(case, sim, owned, backward) -> list[dict[str, float]]:
+    """16-bit tolerances: a factor times the error of plain torch attention run in the case's
+    dtype on the same inputs, shard by shard (the LSE at least float32's tolerance)."""
+    q, k, v, dout = case.inputs()
+    q, k, v = (x.requires_grad_(backward) for x in (q, k, v))
+    if case.is_linear:
+        out, lse = oracle.full_linear_attention(q, k, v, case.causal, case.decay_tensor()), None
+    else:
+        out, lse = oracle.full_attention(q, k, v, causal=case.causal)
+    full = {"out": out, "lse": lse}
+    if backward:
+        full |= dict(zip(GRADIENTS, torch.autograd.grad(out, (q, k, v), dout)))
+    limits = []
+    for local, pos in enumerate(owned):
+        limit = {}
+        for name, baseline in full.items():
+            if baseline is None:
+                continue
+            truth = getattr(sim.ranks[local], name)
+            dim = 2 if name == "lse" else 1
+            error = relative_error(baseline.detach().index_select(dim, pos), truth)
+            kind = "gradient" if name in GRADIENTS else "output"
+            limit[name] = BASELINE_FACTOR[kind] * error
+        limit["lse"] = max(limit.get("lse", 0.0), tolerance(torch.float32))
+        limits.append(limit)
+    return limits
+
+
+def judge(
+    case: Case, expected: Expected, results: list[dict], backward: bool, enforce: tuple = ()
+) -> list[RankVerdict]:
+    """Every rank's verdict; ``results[i]`` is what rank i of the case returned
+    (``checker.worker.run_on_rank``)."""
+    verdicts = []
+    for local, result in enumerate(results):
+        record, limits = expected.sim.ranks[local], expected.limits[local]
+        saved_bytes = expected.accounts.ranks[local].saved_bytes
+        errors, problems = {}, list(result["notes"])
+        names = [n for n in NAMES if n != "lse" or not case.is_linear]
+        for name in names:
+            mine, theirs = result[name], getattr(record, name)
+            if name in GRADIENTS and not backward:
+                continue
+            if name == "lse" and mine is None:
+                continue  # an LSE is checked only when the function returns one
+            if mine is None:
+                problems.append(f"{name} is missing (autograd gave no gradient)")
+                errors[name] = float("inf")
+            elif tuple(mine.shape) != tuple(theirs.shape):
+                problems.append(f"{name} has shape {tuple(mine.shape)}, expected "
+                                f"{tuple(theirs.shape)}")  # fmt: skip
+                errors[name] = float("inf")
+            else:
+                errors[name] = _error(mine, theirs)
+        messages, same = _messages(case, expected, local, result, backward)
+        saved = f"saved for backward: {result['saved']} bytes, the oracle {saved_bytes}"
+        if not backward:
+            saved = "saved for backward: not measured (forward only)"
+        if "messages" in enforce and not same:
+            problems.append(messages)
+        if "saved" in enforce and backward and result["saved"] != saved_bytes:
+            problems.append(saved)
+        information = [messages, saved]
+        verdicts.append(RankVerdict(case.members[local], errors, limits, problems, information))
+    return verdicts
+
+
+def _error(mine: torch.Tensor, theirs: torch.Tensor) -> float:
+    """Relative error; NaN anywhere counts as infinitely wrong."""
+    if bool(torch.isnan(mine).any()):
+        return float("inf")
+    return relative_error(mine, theirs)
+
+
+def _messages(case, expected, local, result, backward) -> tuple[str, bool]:
+    """Messages in words, and whether they match: exact against the oracle's ledger when your
+    code logged through sptutor's ledger, else counts and bytes per phase of the
+    torch.distributed calls seen."""
+    rank = case.members[local]
+    needed = expected.accounts.ledger.messages(local)
+    phases = ("forward", "backward") if backward else ("forward",)
+    if result["messages"]:
+        keys = [e.key() for e in needed if e.phase in phases]
+        mine = [k for k in result["messages"] if k[4] in phases]
+        if mine == keys:
+            return f"messages: as the oracle's, exactly ({len(keys)} logged)", True
+        first = next((i for i, (a, b) in enumerate(zip(mine, keys)) if a != b), None)
+        if first is None:
+            return f"messages: {len(mine)} logged, the oracle sends {len(keys)}", False
+        return f"messages: message {first} is {mine[first]}, the oracle's is {keys[first]}", False
+    seen = []
+    for phase in phases:
+        count, nbytes = result["traffic"].get(phase, (0, 0))
+        want = [e for e in needed if e.phase == phase]
+        want_bytes = sum(e.nbytes for e in want)
+        if (count, nbytes) != (len(want), want_bytes):
+            seen.append(f"rank {rank} sends {nbytes} bytes in {phase} ({count} messages), the "
+                        f"method needs {want_bytes} ({len(want)} messages)")  # fmt: skip
+    if not seen:
+        return "messages: as the oracle's in count and bytes per phase (torch.distributed)", True
+    return "messages: " + "; ".join(seen), False
