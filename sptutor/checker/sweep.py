@@ -11,12 +11,12 @@ reported with that rank's message, and the sweep goes on in a fresh pool. Under 
 from __future__ import annotations
 
 import dataclasses
-import os
+import random
 from collections.abc import Callable
 
 import torch.distributed as dist
 
-from sptutor import launch
+from sptutor import launch, torchrun
 from sptutor.checker import worker
 from sptutor.checker.adapter import Adapter, for_sptutor
 from sptutor.checker.cases import Case, Sweep, sweep_for
@@ -52,7 +52,9 @@ def check(
     ``layouts``, ``causal``, ``dtypes`` (the dtypes your code computes in; default float32),
     ``batches``, ``per_rank``, ``heads_kv``, ``gqa``, ``head_dims``, ``decays``).
 
-    ``world``: the largest W (cases use W = 1..world, on the first W ranks); ``examples``:
+    ``world``: the largest W (cases use W = 1..world, on the first W ranks; under torchrun,
+    W = 1..its number of ranks, on CUDA tensors when NCCL is used: a case that raises there
+    ends the run, as torchrun ends every rank); ``examples``:
     cases drawn; ``seed``: hypothesis's seed (None: a random one); ``cases``: run exactly these
     instead; ``timeout``: seconds a case may take before it counts as a hang; ``enforce``:
     "messages" and/or "saved" make message and saved-bytes differences fail (by default they
@@ -71,6 +73,8 @@ def check(
     if bad:
         raise ValueError(f"enforce takes 'messages' and 'saved', got {bad}")
     runner = _runner(world, timeout, pool)
+    if seed is None and isinstance(runner, _InPlace):
+        seed = runner.shared_seed()  # every rank must draw the same cases
     try:
         sweep = sweep_for(method, runner.world, **sweep_options)
         session = _Session(fn, method, adapter, runner, tuple(enforce))
@@ -168,7 +172,7 @@ def _size(case: Case) -> tuple:
 def _runner(world: int, timeout: float, pool):
     """Processes for the cases: torchrun's when this process is one of its ranks, else a
     pool of gloo processes."""
-    if dist.is_initialized() or "TORCHELASTIC_RUN_ID" in os.environ:
+    if dist.is_initialized() or torchrun.launched():
         return _InPlace()
     return _Pooled(world, timeout, pool)
 
@@ -204,15 +208,20 @@ class _InPlace:
     seeded the same everywhere) and gathers every rank's results to judge them alike."""
 
     def __init__(self) -> None:
-        launch.init_from_torchrun()
+        torchrun.init()
         self.world = dist.get_world_size()
 
     def run(self, case: Case, fn, adapter) -> list[dict]:
-        device = launch.torchrun_device()
-        mine = worker.run_on_rank(dist.get_rank(), fn, adapter, case, device)
+        mine = worker.run_on_rank(dist.get_rank(), fn, adapter, case, torchrun.device())
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, mine)
         return [gathered[rank] for rank in case.members]
+
+    def shared_seed(self) -> int:
+        """A random seed drawn on rank 0, the same on every rank."""
+        seed = [random.randrange(2**32)]
+        dist.broadcast_object_list(seed, src=0)
+        return seed[0]
 
     def close(self) -> None:
         pass
