@@ -22,16 +22,20 @@ def candidates(case, expected, results, local, name) -> Iterator[tuple[torch.Ten
             yield getattr(record, name), (
                 f"it is rank {case.members[other]}'s {name} (a shard went to the wrong rank: a "
                 "wrong peer, a missed hop, or another token layout than the case's)")  # fmt: skip
+    truth = getattr(records[local], name)
+    if name != "lse" and truth.shape[1] == truth.shape[2]:  # S/W == H: the layouts look alike
+        yield truth.transpose(1, 2).contiguous().view(truth.shape), (
+            "it is the right tensor with its sequence and head axes read the other way round: "
+            "is tensor_layout right?")  # fmt: skip
     if name in ("dk", "dv"):
         other = "dv" if name == "dk" else "dk"
         yield getattr(records[local], other), f"it holds {other}: dK and dV are swapped"
         yield records[local].dk + records[local].dv, "it holds dk + dv: the two are summed"
     yield from _step_candidates(case, sim, local, name)
     yield from _convention_candidates(case, expected, local, name)
-    truth = getattr(records[local], name)
     mine = results[local][name].double()
     factor = (mine * truth).sum() / (truth * truth).sum().clamp_min(1e-300)
-    if abs(factor.item() - 1) > 1e-3:
+    if abs(factor.item() - 1) > 1e-3 and abs(factor.item()) > 1e-2:
         yield factor * truth, (f"it is {factor.item():.4g} times the right value (a scale "
                                "factor: e.g. averaged over ranks instead of summed)")  # fmt: skip
 

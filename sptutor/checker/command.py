@@ -9,6 +9,13 @@ import sys
 from sptutor.methods import METHODS
 
 ABOUT = "check your own sequence-parallel attention function against the oracle"
+SWEEP_NUMBERS = {
+    "per_rank": "tokens per rank to draw (zigzag: twice that)",
+    "head_dims": "head dims D to draw",
+    "batches": "batch sizes B to draw",
+    "heads_kv": "K/V head counts to draw",
+    "gqa": "ratios Hq/Hkv to draw",
+}
 
 
 def add_parser(commands) -> argparse.ArgumentParser:
@@ -32,6 +39,9 @@ def add_parser(commands) -> argparse.ArgumentParser:
     add("--forward-only", action="store_true", help="check the forward only (no gradients)")
     add("--layouts", help="token layouts to draw, comma-separated (default: contiguous)")
     add("--dtypes", help="dtypes your code computes in, comma-separated (default: float32)")
+    for name, about in SWEEP_NUMBERS.items():
+        add("--" + name.replace("_", "-"), metavar="N,N", help=about + ", comma-separated")
+    add("--causal", metavar="BOOL,BOOL", help="causal values to draw, e.g. true or false,true")
     add("--examples", type=int, default=20, help="cases to draw (default: %(default)s)")
     add("--seed", type=int, default=0, help="hypothesis seed (default: %(default)s)")
     add("--timeout", type=float, default=30.0, help="seconds before a case counts as a hang")
@@ -58,6 +68,14 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     for name in ("layouts", "dtypes"):
         if getattr(args, name):
             options[name] = tuple(getattr(args, name).split(","))
+    try:
+        for name in SWEEP_NUMBERS:
+            if getattr(args, name):
+                options[name] = tuple(int(n) for n in getattr(args, name).split(","))
+        if args.causal:
+            options["causal"] = tuple(_boolean(word) for word in args.causal.split(","))
+    except ValueError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     enforce = tuple(args.enforce.split(",")) if args.enforce else ()
     try:
         report = check(fn, method=args.method, world=args.world, examples=args.examples,
@@ -67,6 +85,12 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     report.print()
     return 0 if report.passed else 1
+
+
+def _boolean(word: str) -> bool:
+    if word.lower() not in ("true", "false"):
+        raise ValueError(f"--causal takes true and/or false, got {word!r}")
+    return word.lower() == "true"
 
 
 def _load(spec: str):

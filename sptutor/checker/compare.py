@@ -24,13 +24,19 @@ GRADIENTS = ("dq", "dk", "dv")
 class RankVerdict:
     """How one rank's results compare: ``errors[name]`` relative error of each tensor checked
     (inf when missing or misshapen, with the reason in ``problems``), ``limits[name]`` its
-    tolerance, ``information`` messages and memory in words."""
+    tolerance, ``information`` messages and memory in words; ``messages_match``: did this rank
+    send what the oracle sends (exactly, when logged through sptutor's ledger: ``exact``; else
+    in count and bytes per phase); ``saved_match``: did it keep the oracle's bytes for backward
+    (None when forward only)."""
 
     rank: int
     errors: dict[str, float]
     limits: dict[str, float]
     problems: list[str]
     information: list[str]
+    messages_match: bool = False
+    exact: bool = False
+    saved_match: bool | None = None
 
     @property
     def wrong(self) -> list[str]:
@@ -142,7 +148,9 @@ def judge(
         if "saved" in enforce and backward and result["saved"] != saved_bytes:
             problems.append(saved)
         information = [messages, saved]
-        verdicts.append(RankVerdict(case.members[local], errors, limits, problems, information))
+        saved_match = result["saved"] == saved_bytes if backward else None
+        verdicts.append(RankVerdict(case.members[local], errors, limits, problems, information,
+                                    same, bool(result["messages"]), saved_match))  # fmt: skip
     return verdicts
 
 

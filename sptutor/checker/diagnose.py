@@ -29,8 +29,8 @@ def diagnose(
     the ranks and rows where it is wrong and the mistake it matches (ranks alike are merged)."""
     sentences = [f"rank {v.rank}: {problem}" for v in verdicts for problem in v.problems]
     groups: dict[tuple[str, str], list[tuple[int, str, bool]]] = {}
-    for local, verdict in enumerate(verdicts):
-        for name in NAMES:
+    for name in NAMES:  # the forward's tensors first: a wrong forward explains the rest
+        for local, verdict in enumerate(verdicts):
             if name in verdict.wrong and results[local][name] is not None:
                 where, everywhere, why = _explain(case, expected, results, local, name)
                 groups.setdefault((name, why), []).append((verdict.rank, where, everywhere))
@@ -79,14 +79,45 @@ def _explain(case, expected, results, local, name) -> tuple[str, bool, str]:
             return where, everywhere, meaning
     if torch.isnan(mine).any() or (torch.isinf(mine) & ~torch.isinf(truth)).any():
         bad = (~torch.isfinite(mine) & ~torch.isinf(truth)).sum().item()
-        return where, everywhere, (f"{bad} values are NaN or inf: uninitialised memory, or 0/0 "
-                                   "in a row whose keys were all masked")  # fmt: skip
+        return where, everywhere, (f"{bad} values are NaN or inf: memory never written (check "
+                                   "fills torch.empty with NaN), or 0/0 in a row whose keys "
+                                   "were all masked")  # fmt: skip
     finite = torch.isfinite(truth)
     if mine[finite].abs().max() > 1e6 * max(truth[finite].abs().max().item(), 1.0):
         return where, everywhere, "it holds huge values: uninitialised memory (never written?)"
     if not mine.any():
         return where, everywhere, "it is all zeros: never written, or every contribution missing"
+    precision = _precision(case, name, mine, truth)
+    if precision:
+        return where, everywhere, precision
+    zero_rows = _zero_rows(mine, truth, 2 if name == "lse" else 1)
+    if zero_rows:
+        return where, everywhere, (f"rows {_ranges(zero_rows)} are exactly zero: never written "
+                                   "(an output buffer left partly unwritten)")  # fmt: skip
     return where, everywhere, _permutation(case, expected, local, name, mine, limit)
+
+
+def _precision(case, name, mine, truth) -> str:
+    """'right only to bfloat16's precision ...' when the error is a lower dtype's rounding than
+    the one the tensor is judged in (the LSE of 16-bit inputs: float32)."""
+    error = relative_error(mine, truth)
+    judged = torch.float32 if name == "lse" and case.dtype in ("float16", "bfloat16") else (
+        case.torch_dtype)  # fmt: skip
+    for lower in (torch.float32, torch.bfloat16, torch.float16):
+        eps = torch.finfo(lower).eps
+        if eps > torch.finfo(judged).eps and error <= 4 * eps:
+            return (f"right only to {str(lower).removeprefix('torch.')}'s precision (error "
+                    f"{error:.1e}, its eps {eps:.1e}): it computes in, or rounds through, "
+                    f"{str(lower).removeprefix('torch.')}")  # fmt: skip
+    return ""
+
+
+def _zero_rows(mine, truth, dim) -> list[int]:
+    """Rows that are exactly zero in ``mine`` but not in ``truth``."""
+    mine_rows = mine.movedim(dim, 0).flatten(1)
+    truth_rows = truth.nan_to_num(0.0, 0.0, 0.0).movedim(dim, 0).flatten(1)
+    zero = (mine_rows == 0).all(dim=1) & (truth_rows != 0).any(dim=1)
+    return zero.nonzero().flatten().tolist()
 
 
 def _where(case, expected, local, name, mine, truth, limit) -> tuple[str, bool]:
@@ -152,6 +183,10 @@ def _permutation(case, expected, local, name, mine, limit) -> str:
             return ""
         found.append((row, head, *where[0]))
     owned = expected.owned[local].tolist()
+    if all((p, g) == (owned[r], h) for r, h, p, g in found):
+        error = relative_error(mine, truth)
+        return (f"close to the right values, but not within the tolerance (error {error:.1e}): "
+                "rounding, e.g. an accumulator or LSE kept in a lower precision")  # fmt: skip
     hint = ""
     if case.method in ("ulysses", "usp"):
         hint = " (the all-to-all sends chunks to the wrong ranks, or in the wrong order)"

@@ -4,7 +4,7 @@ words, and a standalone script that reproduces it."""
 from __future__ import annotations
 
 import dataclasses
-import inspect
+import os
 import re
 
 from sptutor import console
@@ -42,7 +42,7 @@ class CaseResult:
         if self.status == "pass":
             return "pass"
         if self.status in ("error", "hang"):
-            text = f"{self.status.upper()}: {_first_line(self.error)}"
+            text = f"{self.status.upper()}: {error_summary(self.error)}"
             return text if len(text) <= SUMMARY_WIDTH else text[: SUMMARY_WIDTH - 3] + "..."
         wrong = sorted({n for v in self.verdicts for n in v.wrong}, key=NAMES.index)
         problems = [p for v in self.verdicts for p in v.problems]
@@ -85,7 +85,8 @@ class Report:
         swept = [r for r in self.results if not r.shrinking]
         passing = sum(r.passed for r in swept)
         if self.passed:
-            return f"{self.function} matches the {self.method} oracle in all {len(swept)} cases"
+            cases = f"all {len(swept)} cases" if len(swept) != 1 else "its one case"
+            return f"{self.function} matches the {self.method} oracle in {cases}"
         shrunk = len(self.results) - len(swept)
         tail = f", shrunk in {shrunk} more runs" * bool(shrunk)
         return (f"{self.function} FAILS the {self.method} oracle: {len(swept) - passing} of "
@@ -93,9 +94,9 @@ class Report:
 
     def details(self) -> list[str]:
         """The smallest failure in words: its case, the diagnosis, each rank's information."""
-        if self.smallest is None:
-            first = self.results[0] if self.results else None
-            return [f"information: {line}" for line in _information(first)] if first else []
+        if self.smallest is None:  # the information of the widest case: the most messages
+            widest = max(self.results, key=lambda r: r.case.world, default=None)
+            return [f"information: {line}" for line in _information(widest)] if widest else []
         lines = [f"smallest failing case: {self.smallest.case.describe()}"]
         if self.smallest.status in ("error", "hang"):
             lines.append(self.smallest.error.strip())
@@ -124,40 +125,58 @@ def _information(result: CaseResult) -> list[str]:
     return [f"rank {v.rank}: {'; '.join(v.information)}" for v in result.verdicts]
 
 
-def _first_line(text: str) -> str:
-    """The first line of a launch's report and the last line of its traceback."""
+def error_summary(text: str) -> str:
+    """A launch's failure in one line: who failed, the exception, and where it was raised
+    ('rank 1: AssertionError (lasp_fuse_parallel.py:88, in forward)')."""
     lines = [line for line in text.strip().splitlines() if line.strip()]
     if not lines:
         return ""
     head = re.sub(r"^(ranks? [\d, ]+) of \d+ failed.*", r"\1", lines[0].rstrip(":"))
     last = lines[-1].strip()
-    return head if len(lines) == 1 or last in head else f"{head}: {last}"
+    if len(lines) == 1 or last in head:
+        return head
+    frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)', text)
+    where = f" ({os.path.basename(frames[-1][0])}:{frames[-1][1]}, in {frames[-1][2]})" if (
+        frames) else ""  # fmt: skip
+    return f"{head}: {last}{where}"
 
 
 def reproducer(fn, method: str, case: Case, options: dict) -> str:
-    """A standalone script that runs ``check`` on ``case`` alone, with the same adapter."""
-    imports, arguments = ["from sptutor.testing import Case, check"], []
-    name = _importable(fn, imports) or "fn  # your function: import or define it here"
-    for key, value in options.items():
-        if callable(value):
-            value = _importable(value, imports) or f"...  # your {key}: import or define it"
-        else:
-            value = repr(value)
-        arguments.append(f"    {key}={value},")
+    """A standalone script that runs ``check`` on ``case`` alone, with the same adapter; what
+    cannot be imported by name (a lambda, a function of a notebook) becomes a placeholder the
+    script asks you to define."""
+    imports, todo = ["from sptutor.testing import Case, check"], []
+    name = _name_of(fn, "fn", imports, todo)
+    arguments = [f"        {key}={_source(value, key, imports, todo)}," for key, value in
+                 options.items()]  # fmt: skip
     return "\n".join([
-        *imports, "", f"case = {case!r}", "", 'if __name__ == "__main__":',
-        f"    report = check(\n        {name.split('  #')[0]},", f'        method="{method}",',
-        f"        world={case.world},", "        cases=[case],",
-        *("    " + a for a in arguments), "    )", "    print(report)",
+        *imports, *todo, "", f"case = {case!r}", "", 'if __name__ == "__main__":',
+        "    report = check(", f"        {name},", f'        method="{method}",',
+        f"        world={case.world},", "        cases=[case],", *arguments, "    )",
+        "    print(report)",
     ])  # fmt: skip
 
 
-def _importable(obj, imports: list[str]) -> str | None:
-    """``obj``'s name after adding its import, if it can be imported by name."""
+def _source(value, key: str, imports: list[str], todo: list[str]) -> str:
+    """Python source for an option's value: callables by name, dicts item by item."""
+    if callable(value):
+        return _name_of(value, key, imports, todo)
+    if isinstance(value, dict):
+        items = (f"{k!r}: {_source(v, k, imports, todo)}" for k, v in value.items())
+        return "{" + ", ".join(items) + "}"
+    return repr(value)
+
+
+def _name_of(obj, role: str, imports: list[str], todo: list[str]) -> str:
+    """``obj``'s name, importing it when it can be imported by name; else a placeholder
+    ``your_<role>`` and a line saying to define it."""
     module, name = getattr(obj, "__module__", None), getattr(obj, "__qualname__", "")
-    if not module or module == "__main__" or "<" in name or "." in name:
-        return None
-    if inspect.ismodule(obj):
-        return None
-    imports.append(f"from {module} import {name}")
-    return name
+    if module and module != "__main__" and "<" not in name and "." not in name:
+        line = f"from {module} import {name}"
+        if line not in imports:
+            imports.append(line)
+        return name
+    placeholder = f"your_{role}"
+    todo.append(f"# define {placeholder} here: {name or type(obj).__name__}, which could not be "
+                "imported by name")  # fmt: skip
+    return placeholder

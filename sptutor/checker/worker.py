@@ -5,6 +5,7 @@ what it sent and what autograd kept.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -60,7 +61,7 @@ def run_on_rank(
         saved.append(x.numel() * x.element_size())
         return x
 
-    with ledger.record() as led, capture.traffic() as seen:
+    with ledger.record() as led, capture.traffic() as seen, _uninitialised_is_nan():
         with seen.phase("forward"), torch.autograd.graph.saved_tensors_hooks(count_saved, _same):
             result = fn(*yours, **keywords)
         out_yours, lse = adapter.unpack(result)
@@ -81,6 +82,19 @@ def run_on_rank(
         messages=[event.key() for event in led.messages()], traffic=seen.by_phase(),
         saved=sum(saved), notes=notes,
     )  # fmt: skip
+
+
+@contextlib.contextmanager
+def _uninitialised_is_nan():
+    """While a case runs, ``torch.empty`` memory is filled with NaN (torch's deterministic mode,
+    warnings only), so a buffer your code never writes shows as NaN, every run."""
+    was, warn_only = torch.are_deterministic_algorithms_enabled(), (
+        torch.is_deterministic_algorithms_warn_only_enabled())  # fmt: skip
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn_only)
 
 
 def _same(x):

@@ -66,8 +66,18 @@ def test_a_planted_mistake_is_named(pool, bug, sentence, tensor):
     # the smallest failing case is no larger than any failing case the sweep found
     failing = [r for r in report.results if not r.passed and not r.shrinking]
     assert all(smallest.case.seq_len <= r.case.seq_len for r in failing)
-    assert "cases=[case]" in report.reproducer and "from tests.distributed.small_impls" in (
-        report.reproducer)  # fmt: skip
+    assert "cases=[case]" in report.reproducer
+    assert "from tests.distributed.small_impls import ring" in report.reproducer
+    compile(report.reproducer, "reproducer.py", "exec")  # valid Python
+
+
+def test_the_reproducer_names_what_it_cannot_import(pool):
+    options = dict(kwargs={"bug": "diagonal", "helper": lambda x: x}, setup=lambda ctx: None)
+    report = check(small_impls.ring, method="ring", cases=[_case(1)], pool=pool, **options)
+    script = report.reproducer
+    compile(script, "reproducer.py", "exec")
+    assert "setup=your_setup," in script and "'helper': your_helper" in script
+    assert "# define your_setup here" in script and "'bug': 'diagonal'" in script
 
 
 def test_a_zero_lse_is_said_to_be_zero(pool):
