@@ -29,7 +29,7 @@ from sptutor import rsa as real_rsa
 from sptutor.ledger import wire_bytes
 from sptutor.notebook import show
 from sptutor.oracle import rsa as oracle_rsa
-from sptutor.testing import relative_error
+from sptutor.testing import check_sptutor, relative_error
 
 _ = torch.manual_seed(0)  # seeded: every number below is reproducible
 
@@ -347,21 +347,21 @@ assert all(longest_rsa[N] >= longest_tp[N] for N in (4, 8, 16))
 # ## The real code on 4 processes
 #
 # `sptutor.rsa_attention` is the per-rank code: each process calls it with its own shards, as
-# `sptutor.layout.shard` cuts them. `sptutor.launch.spawn` starts 4 gloo processes on this CPU and
-# runs the function below on each (it is shipped by value, so a function defined in a notebook
-# works). Each rank records its messages (`ledger.record()`) and counts the bytes autograd keeps
-# for backward (`saved_tensors_hooks`). One launch runs two calls: bidirectional with contiguous
-# shards, and causal with the zigzag layout, float64.
+# `sptutor.layout.shard` cuts them. `sptutor.launch.Pool` starts 4 gloo processes on this CPU once,
+# for every task of this section; a task is a function run on every rank (it is shipped by value,
+# so a function defined in a notebook works). Here is one call by hand, causal under the zigzag
+# layout, in float64. Each rank records its messages (`ledger.record()`) and counts the bytes
+# autograd keeps for backward (`saved_tensors_hooks`):
 
 # %%
-CASES = [dict(causal=False, layout="contiguous"), dict(causal=True, layout="zigzag")]
+POOL = launch.Pool(W, timeout=60)  # the section's 4 processes, started once
 
 
-def rsa_call(rank, world, q, k, v, dout, options):
-    """Forward and backward of rsa_attention on this rank's shards, with its ledger and the
-    bytes autograd saved for backward."""
+def rsa_on_rank(rank, world, q, k, v, dout):
+    """Causal zigzag rsa_attention, forward and backward, on this rank's shards: its output,
+    its messages and the bytes autograd saved for backward."""
     q_shard, k_shard, v_shard, dout_shard = (
-        layout.shard(x, world=world, layout=options["layout"])[rank] for x in (q, k, v, dout)
+        layout.shard(x, world=world, layout="zigzag")[rank] for x in (q, k, v, dout)
     )
     leaves = [x.requires_grad_() for x in (q_shard, k_shard, v_shard)]
     saved = []
@@ -371,32 +371,44 @@ def rsa_call(rank, world, q, k, v, dout, options):
         return x
 
     with ledger.record() as led, torch.autograd.graph.saved_tensors_hooks(count, lambda x: x):
-        out = sptutor.rsa_attention(*leaves, **options)
+        out = sptutor.rsa_attention(*leaves, causal=True, layout="zigzag")
         out.backward(dout_shard)
     messages = [e.key() for e in led.messages()]  # (op, rank, peer, nbytes, phase, step)
-    return dict(out=out.detach(), grads=[x.grad for x in leaves], saved=sum(saved),
-                messages=messages)  # fmt: skip
+    return dict(out=out.detach(), saved=sum(saved), messages=messages)
 
 
-def rsa_on_rank(rank, world, q, k, v, dout, cases):
-    """Body of each process: one rsa_call per case."""
-    return [rsa_call(rank, world, q, k, v, dout, options) for options in cases]
+rank0 = POOL.run(rsa_on_rank, args=(q, k, v, dout))[0]
+print(f"rank 0: out {tuple(rank0['out'].shape)}, {rank0['saved']:,} bytes saved for backward, "
+      f"{len(rank0['messages'])} messages:")  # fmt: skip
+for message in rank0["messages"]:
+    print("  ", message)
 
+# %% [markdown]
+# Comparing each rank's shards, messages and saved bytes with the oracle's is one call,
+# `sptutor.testing.check_sptutor`, and it does so over many cases at once. It draws a sweep with
+# hypothesis (W = 1 to 4, on the first W processes of the pool; both layouts; causal or not; GQA;
+# odd head dims; float64 and float32), runs sptutor's own `rsa_attention` forward and backward on
+# every rank of each case, and compares out, the LSE, dq, dk and dv with `oracle.simulate` at the
+# tolerance of the case's dtype. That numerical verdict is all that
+# [chapter 8, *Checking your own code*](08_checking_your_code.py) asks of your code, through the
+# same machinery (`sptutor.testing.check`). Here the code is sptutor's own, so
+# `enforce=("messages", "saved")` also fails a case unless every rank logged exactly the oracle's
+# messages (op, rank, peer, bytes, phase and step, in order) and kept exactly the oracle's bytes for
+# backward.
 
-per_rank = launch.spawn(rsa_on_rank, W, (q, k, v, dout, CASES))
-for index, options in enumerate(CASES):
-    expected = oracle.simulate("rsa", q, k, v, dout, world=W, **options)
-    worst = 0.0
-    for rank in range(W):
-        real, record = per_rank[rank][index], expected.ranks[rank]
-        wanted = (record.out, record.dq, record.dk, record.dv)
-        for got, want in zip([real["out"], *real["grads"]], wanted):
-            worst = max(worst, relative_error(got, want))
-        assert real["messages"] == [e.key() for e in expected.ledger.messages(rank)]
-        assert real["saved"] == record.saved_bytes
-    assert worst < 1e-10
-    print(f"{options['layout']}, causal={options['causal']}: error {worst:.1e}, messages equal, "
-          f"saved {per_rank[0][index]['saved']:,} B = oracle")  # fmt: skip
+# %%
+EXAMPLES = 8
+report = check_sptutor("rsa", world=W, examples=EXAMPLES, layouts=("contiguous", "zigzag"),
+                       causal=(False, True), dtypes=("float64", "float32"),
+                       enforce=("messages", "saved"), pool=POOL)  # fmt: skip
+POOL.close()
+print(report)
+assert report.passed and len(report.results) == EXAMPLES
+multi_rank = [r for r in report.results if r.case.world > 1]
+# on 2 to 4 ranks the verdict compared each rank's ledger with the oracle's, event by event
+assert multi_rank and all(v.messages_match and v.exact for r in multi_rank for v in r.verdicts)
+print(f"{len(multi_rank)} of the {EXAMPLES} cases ran on 2 to 4 ranks: every rank's messages "
+      "and saved bytes equal the oracle's")  # fmt: skip
 
 # %% [markdown]
 # <div class="admonition note">

@@ -34,13 +34,12 @@
 import matplotlib.pyplot as plt
 import torch
 
-import sptutor
-from sptutor import cost, launch, layout, ledger, oracle, parallel, plots, train
+from sptutor import cost, launch, layout, oracle, parallel, plots, train
 from sptutor import lss as real_lss
 from sptutor.model import GPTConfig, TinyGPT
 from sptutor.notebook import show
 from sptutor.oracle import lss as oracle_lss
-from sptutor.testing import relative_error
+from sptutor.testing import check_sptutor, relative_error
 
 _ = torch.manual_seed(0)  # seeded: every number below is reproducible
 
@@ -212,10 +211,37 @@ plt.show()
 # %% [markdown]
 # ## The real code on 4 processes, and one SP × DP training step
 #
-# The real `sptutor.lss_attention` runs on 4 gloo processes (`sptutor.launch.spawn`, which ships
-# the functions below by value). The same launch also trains: one step of the tiny GPT of
-# `sptutor.model` with LSS attention, on a grid of SP = 2 × DP = 2 ranks.
+# One `sptutor.launch.Pool` of 4 gloo processes, started once, serves this section: first a check
+# of the real `sptutor.lss_attention` against the oracle, then one training step of the tiny GPT
+# of `sptutor.model` with LSS attention, on a grid of SP = 2 × DP = 2 ranks.
 #
+# `sptutor.testing.check_sptutor` draws a sweep of cases with hypothesis (W = 1 to 4, on the first W
+# processes of the pool; the three layouts; causal or not; GQA; odd head dims; float64 and float32),
+# runs sptutor's own `lss_attention` forward and backward on every rank of each case, and compares
+# out, the LSE, dq, dk and dv with `oracle.simulate` at the tolerance of the case's dtype. That
+# numerical verdict is all that [chapter 8, *Checking your own code*](08_checking_your_code.py) asks
+# of your code, through the same machinery (`sptutor.testing.check`). Here the code is sptutor's
+# own, so `enforce=("messages", "saved")` also fails a case unless every rank logged exactly the
+# oracle's messages (op, rank, peer, bytes, phase and step, in order: here one all-gather and one
+# reduce-scatter) and kept exactly the oracle's bytes for backward.
+
+# %%
+POOL = launch.Pool(4, timeout=60)  # the section's 4 processes, started once
+EXAMPLES = 8
+report = check_sptutor("lss", world=4, examples=EXAMPLES, layouts=layout.LAYOUTS,
+                       causal=(False, True), dtypes=("float64", "float32"),
+                       enforce=("messages", "saved"), pool=POOL)  # fmt: skip
+print(report)
+assert report.passed and len(report.results) == EXAMPLES
+multi_rank = [r for r in report.results if r.case.world > 1]
+# on 2 to 4 ranks the verdict compared each rank's ledger with the oracle's, event by event:
+# two messages each, the all-gather of [K‖V] and the reduce-scatter of [dK‖dV]
+exact = "messages: as the oracle's, exactly (2 logged)"
+assert multi_rank and all(v.information[0] == exact for r in multi_rank for v in r.verdicts)
+print(f"{len(multi_rank)} of the {EXAMPLES} cases ran on 2 to 4 ranks: every rank's two "
+      "messages and its saved bytes equal the oracle's")  # fmt: skip
+
+# %% [markdown]
 # **Double gradient averaging**, as we read it. Each rank's loss is its tokens' share of its
 # replica's mean loss, $\mathcal{L}_r = \frac{1}{BS}\sum_{b}\sum_{i \in P_r} \ell_{b,i}$ (divided
 # by the *global* token count), so the shares of one replica add up to its mean. Every rank holds
@@ -232,37 +258,19 @@ plt.show()
 show(parallel.average_gradients)
 
 # %% [markdown]
-# The launch: on each rank, LSS against the oracle (shards, messages and saved bytes, causal
-# zigzag, float64), then the training step; back here, the step is repeated on one process with
-# full attention over the whole global batch, and every gradient is compared.
+# The training step runs on the same 4 processes (`POOL.run`, which ships the function below by
+# value and runs it on every rank); back here, the step is repeated on one process with full
+# attention over the whole global batch, and every gradient is compared.
 
 # %%
 CONFIG = GPTConfig(vocab=13, d_model=16, heads_q=4, heads_kv=2, layers=2, seq_len=16,
                    attention="lss", layout="zigzag", dtype="float64")  # fmt: skip
 SP, DP, REPLICA_BATCH = 2, 2, 2
-q, k, v, dout = (torch.randn(B, S, 2, D, dtype=torch.float64) for _ in range(4))
 windows = torch.randint(0, CONFIG.vocab, (DP * REPLICA_BATCH, CONFIG.seq_len + 1))
 inputs, targets = windows[:, :-1], windows[:, 1:]  # the next tokens, taken before sharding
 
 
-def lss_call(rank, world, q, k, v, dout):
-    """Causal zigzag lss_attention on this rank's shards: outputs, gradients, messages, saved."""
-    shards = [layout.shard(x, world=world, layout="zigzag")[rank] for x in (q, k, v, dout)]
-    leaves = [x.requires_grad_() for x in shards[:3]]
-    saved = []
-
-    def count(x):
-        saved.append(x.numel() * x.element_size())
-        return x
-
-    with ledger.record() as led, torch.autograd.graph.saved_tensors_hooks(count, lambda x: x):
-        out = sptutor.lss_attention(*leaves, causal=True, layout="zigzag")
-        out.backward(shards[3])
-    return dict(out=out.detach(), grads=[x.grad for x in leaves], saved=sum(saved),
-                messages=[e.key() for e in led.messages()])  # fmt: skip
-
-
-def training_step(inputs, targets):
+def training_step(rank, world, inputs, targets):
     """One SP × DP step: this rank's loss share and its gradients after double averaging."""
     grid = parallel.make_grid(SP, DP)  # collective: every rank makes every group
     model = TinyGPT(CONFIG)  # seeded: the same weights on every rank
@@ -273,33 +281,16 @@ def training_step(inputs, targets):
     return loss.item(), {name: p.grad for name, p in model.named_parameters()}
 
 
-def on_rank(rank, world, q, k, v, dout, inputs, targets):
-    """Body of each of the 4 processes."""
-    return lss_call(rank, world, q, k, v, dout), training_step(inputs, targets)
-
-
-results = launch.spawn(on_rank, 4, (q, k, v, dout, inputs, targets))
-
-expected = oracle.simulate("lss", q, k, v, dout, world=4, causal=True, layout="zigzag")
-worst = 0.0
-for rank, (real, _) in enumerate(results):
-    record = expected.ranks[rank]
-    wanted = (record.out, record.dq, record.dk, record.dv)
-    for got, want in zip([real["out"], *real["grads"]], wanted):
-        worst = max(worst, relative_error(got, want))
-    assert real["messages"] == [e.key() for e in expected.ledger.messages(rank)]
-    assert real["saved"] == record.saved_bytes
-assert worst < 1e-10
-print(f"lss_attention, 4 processes: error {worst:.1e}, messages equal, "
-      f"saved {results[0][0]['saved']:,} B = oracle")  # fmt: skip
+results = POOL.run(training_step, args=(inputs, targets))
+POOL.close()
 
 baseline = TinyGPT(CONFIG.baseline())  # full attention, one process, the whole global batch
 baseline_loss = baseline(inputs, targets)
 baseline_loss.backward()
-loss_sum = sum(loss for _, (loss, _) in results) / DP  # shares summed over SP, averaged over DP
+loss_sum = sum(loss for loss, _ in results) / DP  # shares summed over SP, averaged over DP
 assert abs(loss_sum - baseline_loss.item()) <= 1e-10 * baseline_loss.item()
 worst_grad = 0.0
-for _, (_, grads) in results:
+for _, grads in results:
     for name, param in baseline.named_parameters():
         error = relative_error(grads[name], param.grad)
         assert error <= 1e-10, (name, error)  # float64, the same maths reordered

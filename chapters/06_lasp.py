@@ -26,7 +26,7 @@ import sptutor.oracle.lasp
 import sptutor.oracle.lasp2
 from sptutor import chunks, cost, launch, oracle, plots
 from sptutor.notebook import show
-from sptutor.testing import oracle_tolerance, relative_error
+from sptutor.testing import check_sptutor, oracle_tolerance, relative_error
 
 _ = torch.manual_seed(0)  # seeded: every number below is reproducible
 
@@ -344,55 +344,42 @@ for phase in ("forward", "backward"):
 # %% [markdown]
 # ## The real code on 4 processes
 #
-# Now `sptutor.lasp_attention` and `sptutor.lasp2_attention` on 4 gloo processes, in one launch:
-# causal, a decay per head, GQA (4 query heads sharing 2 K/V heads), forward and backward. Each
-# rank gets its contiguous shard, records its messages with `sptutor.ledger.record`, and returns
-# its shards of the output and the gradients. The parent checks every shard and every message
-# against the oracle.
-
+# Now `sptutor.lasp_attention` and `sptutor.lasp2_attention` on 4 gloo processes, one
+# `sptutor.launch.Pool` started once for both. `sptutor.testing.check_sptutor` draws a sweep of
+# cases with hypothesis (W = 1 to 4, on the first W processes of the pool; the contiguous layout and
+# a causal mask, the case this chapter built the chain and the prefix sum for; a decay per head in
+# every case, `decays=(True,)`, where the default also draws cases without; GQA; odd head dims;
+# float64 and float32), runs sptutor's own method forward and backward on every rank of each case,
+# and compares out, dq, dk and dv with `oracle.simulate` at the tolerance of the case's dtype
+# (linear attention has no LSE). That numerical verdict is all that
+# [chapter 8, *Checking your own code*](08_checking_your_code.py) asks of your code, through the
+# same machinery (`sptutor.testing.check`). Here the code is sptutor's own, so
+# `enforce=("messages", "saved")` also fails a case unless every rank logged exactly the oracle's
+# messages (op, rank, peer, bytes, phase and step, in order: the chain's sends for LASP, the
+# all-gathers for LASP-2) and kept exactly the oracle's bytes for backward. Both methods draw the
+# same cases.
 
 # %%
-def run_lasp_and_lasp2(rank, world, q, k, v, dout, decay):
-    """On one rank: both methods, forward and backward; this rank's shards and messages."""
-    import sptutor
-    from sptutor import layout, ledger
-
-    results = {}
-    for method in ("lasp", "lasp2"):
-        shards = [layout.shard(x, world=world, layout="contiguous")[rank] for x in (q, k, v, dout)]
-        q_r, k_r, v_r = (x.clone().requires_grad_() for x in shards[:3])
-        attention = getattr(sptutor, f"{method}_attention")
-        with ledger.record() as led:
-            out = attention(q_r, k_r, v_r, causal=True, decay=decay)
-            out.backward(shards[3])
-        results[method] = dict(out=out.detach(), dq=q_r.grad, dk=k_r.grad, dv=v_r.grad,
-                               messages=[e.key() for e in led.messages()])  # fmt: skip
-    return results
-
-
-gqa = dict(q=(2, S, 4, D), kv=(2, S, 2, D))  # B=2, Hq=4, Hkv=2
-q4, dout4 = (torch.randn(gqa["q"], dtype=torch.float64) for _ in range(2))
-k4, v4 = (torch.randn(gqa["kv"], dtype=torch.float64) for _ in range(2))
-decay4 = torch.tensor([0.95, 0.9, 0.7, 0.5], dtype=torch.float64)
-real = launch.spawn(run_lasp_and_lasp2, world=W, args=(q4, k4, v4, dout4, decay4))
-
-worst = {}
+POOL = launch.Pool(W, timeout=60)  # 4 gloo processes, started once, for both checks
+EXAMPLES = 8
+reports = {}
 for method in ("lasp", "lasp2"):
-    sim = oracle.simulate(method, q4, k4, v4, dout4, world=W, causal=True, decay=decay4)
-    for rank in range(W):
-        mine, expected = real[rank][method], sim.ranks[rank]
-        for name in ("out", "dq", "dk", "dv"):
-            error = relative_error(mine[name], getattr(expected, name))
-            worst[method, name] = max(worst.get((method, name), 0.0), error)
-        assert mine["messages"] == [e.key() for e in sim.ledger.messages(rank)]
-for (method, name), error in worst.items():
-    assert error <= oracle_tolerance(torch.float64), (method, name, error)
-print("real vs oracle, float64, worst over 4 ranks (messages: equal on every rank)")
-for method in ("lasp", "lasp2"):
-    print(
-        f"  {method:<6}"
-        + "  ".join(f"{n} {worst[method, n]:.1e}" for n in ("out", "dq", "dk", "dv"))
-    )
+    reports[method] = check_sptutor(method, world=W, examples=EXAMPLES, layouts=("contiguous",),
+                                    causal=(True,), decays=(True,), dtypes=("float64", "float32"),
+                                    enforce=("messages", "saved"), pool=POOL)  # fmt: skip
+POOL.close()
+for method, report in reports.items():
+    print(report, end="\n\n")
+    assert report.passed and len(report.results) == EXAMPLES
+    assert all(r.case.decay is not None for r in report.results)  # a decay per head, always
+    multi_rank = [r for r in report.results if r.case.world > 1]
+    # on 2 to 4 ranks the verdict compared each rank's ledger with the oracle's, event by event
+    assert all(v.messages_match and v.exact for r in multi_rank for v in r.verdicts)
+    grouped = [r for r in multi_rank if r.case.heads_q > r.case.heads_kv]
+    assert grouped
+    print(f"{method}: {len(multi_rank)} of the {EXAMPLES} cases on 2 to 4 ranks, {len(grouped)} "
+          "of them with GQA; every rank's messages and saved bytes equal the oracle's",
+          end="\n\n")  # fmt: skip
 
 # %% [markdown]
 # ## What the paper claims, what we measured
