@@ -37,7 +37,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.ge
 
 # pytest's default norecursedirs once skipped a folder named tests/dist without a word; every
 # folder listed here must contribute tests to a run of the whole suite.
-MUST_COLLECT = ("tests/distributed",)
+MUST_COLLECT = ("tests/distributed", "tests/peers")
 
 
 def _whole_suite(config: pytest.Config) -> bool:
