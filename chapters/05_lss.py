@@ -233,7 +233,7 @@ report = check_sptutor("lss", world=4, examples=EXAMPLES, layouts=layout.LAYOUTS
                        enforce=("messages", "saved"), pool=POOL)  # fmt: skip
 print(report)
 assert report.passed and len(report.results) == EXAMPLES
-multi_rank = [r for r in report.results if r.case.world > 1]
+multi_rank = report.on_several_ranks
 # on 2 to 4 ranks the verdict compared each rank's ledger with the oracle's, event by event:
 # two messages each, the all-gather of [K‖V] and the reduce-scatter of [dK‖dV]
 exact = "messages: as the oracle's, exactly (2 logged)"

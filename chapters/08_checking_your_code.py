@@ -229,9 +229,9 @@ print(f"\nlargest error: float32 {worst['float32']:.1e}, float64 {worst['float64
 # is below $10^{-6}$ and every float64 error below $10^{-15}$, well inside $10^{-5}$ and
 # $10^{-10}$. The first case drawn is the smallest the sweep allows (W=1, S=2, one head,
 # D=4): hypothesis starts there, and it is where a mistake that has nothing to do with the
-# ring shows up first. The last line, *information*, is about messages and memory, for rank 0
-# of that first case (where, with one rank, nothing is sent); it comes back in a section of
-# its own below.
+# ring shows up first. The last lines, *information*, are about messages and memory, rank by
+# rank, for the widest case of the sweep (the one with the most messages); they come back in a
+# section of their own below.
 #
 # ## Four planted mistakes
 #
@@ -327,17 +327,17 @@ assert "the contribution of rank 1's queries is missing" in str(wrong_way)
 assert wrong_way.smallest.case.world == 3 and wrong_way.smallest.case.causal
 rank_0, rank_1 = wrong_way.smallest.verdicts[:2]
 assert "out" not in rank_0.wrong and {"dk", "dv"} <= set(rank_0.wrong) and "out" in rank_1.wrong
-assert wrong_way.smallest.diagnosis[0].startswith("dk wrong on every row and head of rank 0")
+assert wrong_way.smallest.diagnosis[0].startswith("out wrong on every row and head of rank 1")
 
 # %% [markdown]
 # The smallest failing case is causal with **W=3**, and both facts are clues. Without a mask
 # the order in which blocks arrive does not matter (the LSE merge is commutative), so every
 # non-causal case passes; and at W=2, rank + 1 and rank − 1 are the same rank. At W=3 rank 1
 # attends to rank 2's keys as if they were rank 0's, and sees all of them; its out is the
-# sentence that names the mistake. The report lists rank 0's dK and dV first: rank 0's out is
-# right (every block it gets is hidden from it, whoever's it is), but the gradient rank 1's
-# queries owe to rank 0's keys went to rank 2's keys instead. Read a report forward first:
-# once out is right, the gradients follow.
+# sentence that names the mistake, and the report puts it first: it lists the forward's
+# tensors before the gradients, because a wrong forward explains wrong gradients. Rank 0's out
+# is right (every block it gets is hidden from it, whoever's it is), but its dK and dV are
+# wrong: the gradient rank 1's queries owe to rank 0's keys went to rank 2's keys instead.
 #
 # ### 4. A gradient that goes the wrong way
 #

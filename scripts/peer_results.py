@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import os
 import sys
 import time
@@ -88,6 +89,13 @@ def page(rows: list[dict], examples: int) -> str:
         verdict = "passes" if row["report"].passed else "**fails**"
         lines.append(f"| {row['library']} | {row['config']} | {len(swept)} | {count['pass']} | "
                      f"{count['fail']} | {errors} | {verdict} |")  # fmt: skip
+    lines += ["", "## How they run on CPU", ""]
+    for name, about in LIBRARIES.values():
+        module = sys.modules.get(name)
+        if module is None:
+            continue
+        doc = inspect.cleandoc(module.use_cpu_workarounds.__doc__)
+        lines += [f"**{about}.** {doc}", ""]
     for row in rows:
         report = row.get("report")
         if report is None or report.passed:

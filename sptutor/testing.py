@@ -162,7 +162,8 @@ def compare_with_oracle(case: Case, per_rank: dict[int, dict]) -> list[Compariso
     comparisons = []
     for local, rank in enumerate(case.members):
         real, expected = per_rank[rank], sim.ranks[local]
-        errors = {name: relative_error(real[name], getattr(expected, name)) for name in names}
+        errors = {name: relative_error(real[name], getattr(expected, name)) for name in names
+                  if real.get(name) is not None}  # fmt: skip
         oracle_messages = [_to_global(e.key(), case.members) for e in sim.ledger.messages(local)]
         comparisons.append(Comparison(rank, errors, real["messages"], oracle_messages,
                                       real["saved"], expected.saved_bytes))  # fmt: skip

@@ -66,6 +66,19 @@ class Report:
     def passed(self) -> bool:
         return self.smallest is None and all(r.passed for r in self.results)
 
+    @property
+    def on_several_ranks(self) -> list[CaseResult]:
+        """The sweep's cases on W > 1 ranks (those that send messages)."""
+        return [r for r in self.results if not r.shrinking and r.case.world > 1]
+
+    @property
+    def messages_exact(self) -> bool:
+        """Did every rank of every case on W > 1 ranks log its messages through sptutor's
+        ledger, equal to the oracle's event by event? (what sptutor's own methods must do)"""
+        several = self.on_several_ranks
+        return bool(several) and all(v.messages_match and v.exact for r in several
+                                     for v in r.verdicts)  # fmt: skip
+
     def rows(self) -> list[list[str]]:
         """Table rows: the sweep's cases, then the smallest failure if shrinking found it."""
         shown = [r for r in self.results if not r.shrinking]

@@ -58,7 +58,9 @@ def check(
     cases drawn; ``seed``: hypothesis's seed (None: a random one); ``cases``: run exactly these
     instead; ``timeout``: seconds a case may take before it counts as a hang; ``enforce``:
     "messages" and/or "saved" make message and saved-bytes differences fail (by default they
-    are information); ``pool``: a running ``launch.Pool`` to use.
+    are information); ``pool``: a running ``launch.Pool`` to use (a case that raises or hangs
+    ends it, as it ends any launch; the rest of the check then runs in fresh pools of its own,
+    so pass a live pool, ``pool.alive``, to the next check).
     Returns a :class:`~sptutor.checker.report.Report`; ``str(report)`` says it all.
     """
     unknown = sorted(set(options) - set(ADAPTER_FIELDS) - set(SWEEP_FIELDS))

@@ -6,6 +6,8 @@ processes serves the whole file (check's ``pool``)."""
 import re
 
 import pytest
+import torch
+import torch.distributed as dist
 
 from sptutor import launch
 from sptutor.testing import Case, check, check_sptutor
@@ -117,6 +119,20 @@ def test_a_function_that_raises_is_an_error_and_the_sweep_goes_on(pool):
     assert "my kernel is not compiled" in report.results[0].error
     # every rank raises; the launch blames whichever did first
     assert re.match(r"ERROR: rank \d: RuntimeError: my kernel", report.results[0].summary())
+
+
+def test_a_function_that_hangs_is_a_hang_with_where_each_rank_waits():
+    def deadlocks(q, k, v, *, causal, group):
+        rank = dist.get_rank(group)
+        dist.recv(torch.empty(1), src=1 - rank)  # each waits to receive before it sends
+        return small_impls.ring(q, k, v, causal=causal, group=group)[0]
+
+    report = check(deadlocks, method="ring", cases=[_case(2)], world=2, timeout=5.0)
+    result = report.results[0]
+    assert result.status == "hang" and not report.passed
+    assert "rank 0: waiting in torch.distributed" in result.error, result.error
+    assert "rank 1: waiting in torch.distributed" in result.error
+    assert result.summary().startswith("HANG:")
 
 
 def _case(world: int) -> Case:
