@@ -5,10 +5,16 @@ Each wrapper records one ``CommEvent`` per tensor this rank puts on the wire, in
 from ``ledger.wire_bytes``; a group of one rank moves nothing and logs nothing). Tensors are made
 contiguous before they are sent (gloo refuses strided ones), peers are computed from the group, and
 renamed collectives of newer torch versions are hidden here.
+
+Every call that can block tells an installed progress hook (``set_progress_hook``; see
+``sptutor.exercises.progress``) when this rank enters and leaves it, so a stall can be located
+from outside a hung process; without a hook that costs one ``if`` per call.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 
 import torch
@@ -35,6 +41,34 @@ def new_group(ranks: list[int]) -> dist.ProcessGroup:
     """``dist.new_group(ranks)`` with the launch's timeout, not torch's 30-minute default, so a
     stuck peer in a sub-group fails like one in the world group. Collective over the world."""
     return dist.new_group(list(ranks), timeout=_group_timeout)
+
+
+# hook(event, op, peer, phase, step): event "enter" or "leave", peer a global rank or None
+ProgressHook = Callable[[str, str, int | None, str, int], None]
+_progress_hook: ProgressHook | None = None
+_UNREPORTED = contextlib.nullcontext()
+
+
+def set_progress_hook(hook: ProgressHook | None) -> None:
+    """Install the hook every blocking call of this module reports to (None: report nothing)."""
+    global _progress_hook
+    _progress_hook = hook
+
+
+def _blocking(
+    op: str, peer: int | None, phase: str, step: int
+) -> contextlib.AbstractContextManager:
+    """Around a call that can block: the hook hears "enter" before it and "leave" after it."""
+    if _progress_hook is None:
+        return _UNREPORTED
+    return _reported(_progress_hook, op, peer, phase, step)
+
+
+@contextlib.contextmanager
+def _reported(hook: ProgressHook, op: str, peer: int | None, phase: str, step: int) -> Iterator:
+    hook("enter", op, peer, phase, step)
+    yield  # an error inside leaves the rank reported as waiting there, which it was
+    hook("leave", op, peer, phase, step)
 
 
 def rank_and_size(group: dist.ProcessGroup | None) -> tuple[int, int]:
@@ -67,9 +101,10 @@ class RingShift:
 
     def __init__(self, tensors: list[torch.Tensor], group, *, phase: str, step: int) -> None:
         rank, size = rank_and_size(group)
+        self.phase, self.step = phase, step
         self.received = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in tensors]
         if size == 1:
-            self.received, self.requests = tensors, []
+            self.received, self.requests, self.waits = tensors, [], []
             return
         next_rank, prev_rank = (
             global_rank(group, (rank + 1) % size),
@@ -80,12 +115,16 @@ class RingShift:
             _log("send", group, next_rank, _nbytes(x), phase, step)
             operations.append(dist.P2POp(dist.isend, x.contiguous(), next_rank, group))
             operations.append(dist.P2POp(dist.irecv, buffer, prev_rank, group))
-        self.requests = dist.batch_isend_irecv(operations)
+        self.requests = dist.batch_isend_irecv(operations)  # on gloo none of it blocks
+        # what each request waits for: gloo gives one per operation, NCCL one for the whole batch
+        each = [("send", next_rank), ("recv", prev_rank)] * len(tensors)
+        self.waits = each if len(self.requests) == len(each) else [("recv", prev_rank)]
 
     def wait(self) -> list[torch.Tensor]:
         """Block until every transfer is done; return what the previous rank sent."""
-        for request in self.requests:
-            request.wait()
+        for request, (op, peer) in zip(self.requests, self.waits):
+            with _blocking(op, peer, self.phase, self.step):
+                request.wait()
         return self.received
 
 
@@ -98,13 +137,17 @@ def send(x: torch.Tensor, dst: int, group, *, phase: str, step: int = 0) -> None
     """Send ``x`` to group rank ``dst`` (blocking)."""
     peer = global_rank(group, dst)
     _log("send", group, peer, _nbytes(x), phase, step)
-    dist.send(x.contiguous(), peer, group=group)
+    with _blocking("send", peer, phase, step):
+        dist.send(x.contiguous(), peer, group=group)
 
 
-def recv(like: torch.Tensor, src: int, group) -> torch.Tensor:
-    """Receive a tensor shaped like ``like`` from group rank ``src`` (receives are not logged)."""
+def recv(like: torch.Tensor, src: int, group, *, phase: str = "", step: int = 0) -> torch.Tensor:
+    """Receive a tensor shaped like ``like`` from group rank ``src`` (receives are not logged;
+    ``phase`` and ``step`` only say where this rank waits, to the progress hook)."""
     buffer = torch.empty(like.shape, dtype=like.dtype, device=like.device)
-    dist.recv(buffer, global_rank(group, src), group=group)
+    peer = global_rank(group, src)
+    with _blocking("recv", peer, phase, step):
+        dist.recv(buffer, peer, group=group)
     return buffer
 
 
@@ -121,7 +164,8 @@ def all_to_all(
     stacked = torch.stack(chunks)  # (W, *chunk)
     _log("all_to_all", group, None, _nbytes(stacked), phase, step)
     received = torch.empty_like(stacked)
-    dist.all_to_all_single(received, stacked, group=group)
+    with _blocking("all_to_all", None, phase, step):
+        dist.all_to_all_single(received, stacked, group=group)
     return list(received.unbind(0))
 
 
@@ -137,7 +181,8 @@ def all_gather(x: torch.Tensor, group, *, phase: str, step: int = 0) -> torch.Te
     _log("all_gather", group, None, _nbytes(x), phase, step)
     # flat buffers: gloo wants the output as the inputs concatenated along dim 0, not stacked
     gathered = x.new_empty(size * x.numel())
-    _all_gather(gathered, x.contiguous().reshape(-1), group=group)
+    with _blocking("all_gather", None, phase, step):
+        _all_gather(gathered, x.contiguous().reshape(-1), group=group)
     return gathered.view(size, *x.shape)  # (W, *x.shape)
 
 
@@ -149,7 +194,8 @@ def reduce_scatter(chunks: list[torch.Tensor], group, *, phase: str, step: int =
     _log("reduce_scatter", group, None, _nbytes(chunks[rank]), phase, step)
     output = torch.empty(chunks[rank].numel(), dtype=chunks[rank].dtype, device=chunks[rank].device)
     # flat buffers: gloo wants the input as the chunks concatenated along dim 0, not stacked
-    _reduce_scatter(output, torch.stack(chunks).reshape(-1), group=group)
+    with _blocking("reduce_scatter", None, phase, step):
+        _reduce_scatter(output, torch.stack(chunks).reshape(-1), group=group)
     return output.reshape(chunks[rank].shape)
 
 
@@ -160,5 +206,6 @@ def all_reduce(x: torch.Tensor, group, *, phase: str, step: int = 0) -> torch.Te
         return x
     _log("all_reduce", group, None, _nbytes(x), phase, step)
     total = x.clone(memory_format=torch.contiguous_format)
-    dist.all_reduce(total, group=group)
+    with _blocking("all_reduce", None, phase, step):
+        dist.all_reduce(total, group=group)
     return total

@@ -68,10 +68,10 @@ def _dumps(obj: Any) -> bytes:  # cloudpickle.dumps, with the pickler above
     return buffer.getvalue()
 
 
-def _task_payload(fn: Callable[..., Any], args: tuple, what: str) -> bytes:
-    """``(fn, args)`` pickled for the ranks; if that fails, a TypeError names what would not."""
+def _task_payload(fn: Callable[..., Any], args: tuple, what: str, watch: Any = None) -> bytes:
+    """``(fn, args)`` pickled for the ranks (``watch`` wraps fn); a TypeError names what won't."""
     try:
-        return _dumps((fn, args))
+        return _dumps((watch.task(fn) if watch else fn, args))
     except Exception as error:
         raise TypeError(postmortem.cannot_send(fn, args, error, what, _dumps)) from error
 
@@ -146,17 +146,20 @@ class _Children:
             self.end()
             raise
 
-    def round(self, payload: bytes | None, timeout: float, since: float, what: str) -> list[Any]:
+    def round(
+        self, payload: bytes | None, timeout: float, since: float, what: str, watch: Any = None
+    ) -> list[Any]:
         """Send ``payload`` (a pickled task; None: wait for the start-up) to every rank and return
-        their answers, or raise :class:`SpawnError` if they are not all in ``since + timeout``."""
+        their answers, or raise :class:`SpawnError` if they are not all in ``since + timeout``
+        or ``watch`` (a ``progress.Watch``) says they stalled."""
         for rank in self.ranks:
             rank.answer = None
             if payload is not None:
                 with contextlib.suppress(OSError):  # a dead child: its sentinel says so below
                     rank.conn.send_bytes(payload)
-        _collect(self.ranks, since + timeout)
+        _collect(self.ranks, since + timeout, watch)
         if any(rank.answer is None or rank.answer[0] != "ok" for rank in self.ranks):
-            raise SpawnError(postmortem.report(self.ranks, timeout, what))
+            raise SpawnError(postmortem.report(self.ranks, timeout, what, watch))
         return [rank.answer[2] for rank in self.ranks]
 
     def end(self) -> None:
@@ -177,11 +180,12 @@ class _Children:
         self.scratch.cleanup()
 
 
-def _collect(ranks: list[Child], give_up_at: float) -> None:
-    """Wait on every pipe and every process at once until all ranks answered or ``give_up_at``
-    (time.monotonic); after a first failure, wait ERROR_GRACE_S more for the ranks it makes fail."""
+def _collect(ranks: list[Child], give_up_at: float, stalled: Callable[[], bool] | None) -> None:
+    """Wait on every pipe and process at once until all ranks answered, ``give_up_at`` (monotonic)
+    or ``stalled()``; after a first failure, wait ERROR_GRACE_S more for the ranks it makes fail."""
     waiting = ranks
-    while waiting and (left := give_up_at - time.monotonic()) > 0:
+    while waiting and (left := give_up_at - time.monotonic()) > 0 and not (stalled and stalled()):
+        left = min(left, postmortem.STALL_CHECK_S)  # wake up to ask stalled() again
         ready = set(wait([r.conn for r in waiting] + [r.process.sentinel for r in waiting], left))
         for rank in waiting:
             if rank.conn in ready or rank.process.sentinel in ready:
@@ -255,22 +259,24 @@ class Pool:
         """The process id of each rank's child, in rank order (they stay valid until it ends)."""
         return [rank.process.pid for rank in self._children.ranks]
 
-    def run(
-        self, fn: Callable[..., Any], args: tuple = (), *, timeout: float | None = None
-    ) -> list[Any]:
+    def run(self, fn: Callable[..., Any], args: tuple = (), *, timeout: float | None = None,
+            progress: tuple[str | os.PathLike, float] | None = None) -> list[Any]:  # fmt: skip
         """Run ``fn(rank, world, *args)`` on every rank; ``results[r]`` is what rank r returned.
 
         ``fn`` and ``args`` travel by value (cloudpickle); results must pickle. ``timeout``
-        (default: the pool's) bounds this task. Raises TypeError, sending nothing, if ``fn`` or
-        ``args`` cannot be pickled; :class:`SpawnError` with :func:`spawn`'s diagnostics when a
-        rank raises, dies or does not answer in time (every child is then ended, ``alive`` is
-        False); RuntimeError once the pool has ended."""
+        (default: the pool's) bounds this task. ``progress=(directory, stall_seconds)``: ranks
+        report their comm calls there (``sptutor.exercises.progress``); none changing for
+        stall_seconds while one waits ends the task as a timeout, saying where each rank is.
+        Raises TypeError, sending nothing, if ``fn`` or ``args`` cannot be pickled; SpawnError
+        with spawn's diagnostics when a rank raises, dies or does not answer in time (every
+        child is then ended, ``alive`` is False); RuntimeError once the pool has ended."""
         if self._ended:
             raise RuntimeError(f"this Pool {self._ended}, so it runs no more tasks: make a new one")
-        payload = _task_payload(fn, args, "Pool.run")
+        watch = postmortem.progress_watch(self.world, progress)
+        payload = _task_payload(fn, args, "Pool.run", watch)
         timeout = self.timeout if timeout is None else timeout
         try:
-            return self._children.round(payload, timeout, time.monotonic(), "Pool.run")
+            return self._children.round(payload, timeout, time.monotonic(), "Pool.run", watch)
         except BaseException:  # the ranks may be out of step in their collectives: end them all
             self._end("ended its ranks after a failed task")
             raise

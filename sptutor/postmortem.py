@@ -6,7 +6,8 @@ a round (start-up or one task) fails, :func:`report` turns those records into th
 inside ``torch.distributed`` (a timeout, a lost peer) is a reaction to another rank, not a cause.
 A rank that never answered is asked for its stack (faulthandler, on ``STACK_SIGNAL``), which shows
 the one the others wait for in a collective. A function that cannot be sent to the ranks is
-explained by :func:`cannot_send`: which of its variables (or arguments) does not pickle.
+explained by :func:`cannot_send`: which of its variables (or arguments) does not pickle. A task
+run with ``progress`` that stalls is reported as a hang, opening with where each rank waits.
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 STACK_WAIT_S = 2.0  # how long running ranks get to write their stacks when asked
+STALL_CHECK_S = 0.5  # how often the parent asks a task's progress whether its ranks stalled
 STACK_SIGNAL = getattr(signal, "SIGUSR1", None)  # asks a running rank for its stack (POSIX only)
 UNGUARDED_EXIT_CODE = 87  # a child found a launch started while it re-ran the main script
 _FRAME = re.compile(r'File "(.+)", line (\d+) in (.+)')  # one line of a faulthandler stack
 _TORCH = os.path.join(os.sep, "torch", "")  # a frame in torch, as a path piece
 _TORCH_DISTRIBUTED = os.path.join(_TORCH, "distributed", "")
+_COMM = os.path.join("sptutor", "comm.py")
 
 
 def unguarded_message(what: str) -> str:
@@ -68,10 +71,20 @@ class Child:
             self.answer = ("died", time.time(), self.process.exitcode)
 
 
-def report(ranks: list[Child], timeout: float, what: str) -> str:
+def progress_watch(world: int, progress: tuple | None) -> Any:
+    """The ``progress.Watch`` of ``Pool.run(..., progress=(directory, stall_seconds))``, or None."""
+    if progress is None:
+        return None
+    from sptutor.exercises.progress import Watch  # here: sptutor.exercises may import launch
+
+    return Watch(world, *progress)
+
+
+def report(ranks: list[Child], timeout: float, what: str, watch: Any = None) -> str:
     """Whom to blame: a missing guard, else the first rank that failed on its own (an error or a
     death), else the ranks that never answered; errors inside torch.distributed are reactions.
-    ``what`` names the launcher in the message ('spawn', 'Pool', 'Pool.run')."""
+    ``what`` names the launcher in the message ('spawn', 'Pool', 'Pool.run'). A stall that
+    ``watch`` (a ``progress.Watch``) found opens the message with where each rank waits."""
     answers = {i: rank.answer for i, rank in enumerate(ranks) if rank.answer is not None}
     unguarded = ("died", UNGUARDED_EXIT_CODE)  # the code a bootstrapping child exits with
     if any((a[0], a[2]) == unguarded and not ranks[i].started for i, a in answers.items()):
@@ -82,6 +95,10 @@ def report(ranks: list[Child], timeout: float, what: str) -> str:
     if own or not running:
         cause = min(own or failed, key=lambda i: answers[i][1])
         return _failure(ranks, cause, failed, running)
+    if watch is not None and watch.fired:
+        where = watch.describe()  # before the ranks are asked for their stacks
+        stalled = f"{what} stalled: no rank made progress for {watch.seconds:g} s"
+        return f"{where}\n{_hang(ranks, running, failed, stalled)}"
     return _hang(ranks, running, failed, f"{what} timed out after {timeout:g} s")
 
 
@@ -162,7 +179,9 @@ def _where(rank: Child) -> tuple[bool | None, str]:
     file, line, function = frames[0]  # innermost call first
     if _TORCH_DISTRIBUTED not in file:
         return False, f"in {function} at {file}:{line}, not in a collective"
-    caller = next((f for f in frames if _TORCH not in f[0]), frames[-1])
+    caller = next(
+        (f for f in frames if _TORCH not in f[0] and not f[0].endswith(_COMM)), frames[-1]
+    )  # the caller of torch and of sptutor.comm: the code to look at
     return True, (
         f"waiting in torch.distributed ({function}), called from {caller[2]} at "
         f"{caller[0]}:{caller[1]}"
