@@ -92,6 +92,7 @@ def _forward(world, q, k, v, decay):
     chunk = q[0].shape[1]
     # the last rank's state would go nowhere: it builds none
     out, local_state = _local_forward(world, q, k, v, decay, [rank < W - 1 for rank in range(W)])
+    # BEGIN SOLUTION lasp forward chain: receive KV_p0, pass KV_out on at once, then read KV_p0
     state_in = [None] * W
     for rank in range(W):  # the chain visits the chunks in sequence order
         kv_from_prev_rank = None
@@ -104,6 +105,7 @@ def _forward(world, q, k, v, decay):
         if state_in[rank] is not None:
             out[rank] = out[rank] + chunks.readout(q[rank], state_in[rank], decay)
             world.compute(rank, _macs("readout", q[rank]), "forward", step=rank)
+    # END SOLUTION
     return out, state_in
 
 
@@ -118,6 +120,7 @@ def _backward(world, dout, q, k, v, state_in, decay):
     dq, dk, dv, local_dstate = _local_backward(
         world, dout, q, k, v, state_in, decay, [rank > 0 for rank in range(W)]
     )
+    # BEGIN SOLUTION lasp backward chain: receive dKV_out, send dKV_p0 back, add state gradients
     for rank in reversed(range(W)):  # the chain in reverse
         dkv_from_next_rank = None
         if rank < W - 1:  # step W-2-rank: rank t waits for rank t+1
@@ -129,6 +132,7 @@ def _backward(world, dout, q, k, v, state_in, decay):
         dk[rank], dv[rank] = _add_state_gradients(
             world, rank, dk[rank], dv[rank], dkv_out, k[rank], v[rank], decay, W - 1 - rank
         )
+    # END SOLUTION
     return dq, dk, dv
 
 

@@ -46,6 +46,7 @@ def _forward(world, q, k, v, positions, causal, scale):
     W = world.size
     acc = blocks.accumulation_dtype(q[0].dtype)
     batch, seq_local, heads_q, _ = q[0].shape
+    # BEGIN SOLUTION lss forward: one all-gather of [K‖V], attend to every block, merge by LSE
     # K and V stacked into one tensor, so that one collective moves both
     fused = [torch.stack((k[rank], v[rank])) for rank in range(W)]  # W x (2, B, S/W, Hkv, D)
     # kept as gathered: the buffer the collective filled is the one saved for backward
@@ -66,6 +67,7 @@ def _forward(world, q, k, v, positions, causal, scale):
             )  # fmt: skip
             # merge partial outputs by their LSE (online softmax)
             out[rank], lse[rank] = blocks.merge(out[rank], lse[rank], block_out, block_lse)
+    # END SOLUTION
     return [o.to(q[0].dtype) for o in out], lse, kv_gathered
 
 
@@ -77,6 +79,7 @@ def _backward(world, dout, q, kv_gathered, out, lse, positions, causal, scale):
     W = world.size
     acc = blocks.accumulation_dtype(q[0].dtype)
     dq = [torch.zeros(x.shape, dtype=acc) for x in q]
+    # BEGIN SOLUTION lss backward: every block's gradients, one reduce-scatter of [dK‖dV]
     # dkv_shares[rank][src]: rank's share of src's [dK‖dV], (2, B, S/W, Hkv, D); 0 if masked
     dkv_shares = [[torch.zeros(kv.shape, dtype=acc) for kv in held] for held in kv_gathered]
     for rank in range(W):
@@ -94,6 +97,7 @@ def _backward(world, dout, q, kv_gathered, out, lse, positions, causal, scale):
             dkv_shares[rank][src] = torch.stack((block_dk, block_dv))
     # one fused reduce-scatter: the owner of each block receives the sum of every rank's share
     dkv = world.reduce_scatter(dkv_shares, phase="backward")  # W x (2, B, S/W, Hkv, D)
+    # END SOLUTION
     dtype = q[0].dtype
     return [x.to(dtype) for x in dq], [x[0].to(dtype) for x in dkv], [x[1].to(dtype) for x in dkv]
 

@@ -31,6 +31,7 @@ def _forward(world, q, k, v, positions, causal, scale):
     batch, seq_local, heads_q, _ = q[0].shape
     out = [torch.zeros(x.shape, dtype=acc) for x in q]
     lse = [torch.full((batch, heads_q, seq_local), float("-inf"), dtype=acc) for _ in q]
+    # BEGIN SOLUTION ring forward: pass K, V on, attend to the block held, merge it by its LSE
     kv_from_prev_rank = [[k[rank], v[rank]] for rank in range(W)]  # step 0: each rank's own
     for step in range(W):
         if step < W - 1:  # start passing the block on; it travels while we compute
@@ -49,6 +50,7 @@ def _forward(world, q, k, v, positions, causal, scale):
                 out[rank], lse[rank] = blocks.merge(out[rank], lse[rank], block_out, block_lse)
         if step < W - 1:
             kv_from_prev_rank = shift.wait()
+    # END SOLUTION
     return [o.to(q[0].dtype) for o in out], lse
 
 
@@ -60,6 +62,7 @@ def _backward(world, dout, q, k, v, out, lse, positions, causal, scale):
     W = world.size
     acc = blocks.accumulation_dtype(q[0].dtype)
     dq = [torch.zeros(x.shape, dtype=acc) for x in q]
+    # BEGIN SOLUTION ring backward: K, V travel again with the dK, dV accumulators; one hop home
     kv_from_prev_rank = [[k[rank], v[rank]] for rank in range(W)]
     dkv_from_prev_rank = [[torch.zeros(x.shape, dtype=acc) for _ in range(2)] for x in k]
     for step in range(W):
@@ -84,6 +87,7 @@ def _backward(world, dout, q, k, v, out, lse, positions, causal, scale):
         # dK, dV accumulators travel with their block; after the last step this hop brings them home
         dkv_shift = world.ring_shift(dkv_from_prev_rank, phase="backward", step=step)
         dkv_from_prev_rank = dkv_shift.wait()
+    # END SOLUTION
     dtype = q[0].dtype
     dk, dv = zip(*dkv_from_prev_rank)
     return [x.to(dtype) for x in dq], [x.to(dtype) for x in dk], [x.to(dtype) for x in dv]

@@ -61,6 +61,7 @@ def _forward(world, q, k, v, positions, causal, scale):
     rows_shape = (batch, heads_q, seq_local, W * seq_local)  # (B, Hq, S/W, S): full score rows
     # -inf until a block fills them (fully masked blocks are never computed)
     scores = [torch.full(rows_shape, float("-inf"), dtype=acc) for _ in q]
+    # BEGIN SOLUTION rsa ring of keys: fill the full score rows block by block as K travels
     k_from_prev_rank = [[k[rank]] for rank in range(W)]  # step 0: each rank's own
     for step in range(W):  # ring of keys (RingQK): S[:, :, block(src)] = scale·q·k_src^T
         if step < W - 1:  # start passing the block on; it travels while we compute
@@ -77,9 +78,11 @@ def _forward(world, q, k, v, positions, causal, scale):
                               "forward", step, block=src)  # fmt: skip
         if step < W - 1:
             k_from_prev_rank = shift.wait()
+    # END SOLUTION
     # softmax over the whole row (no online softmax); P is kept in the inputs' dtype
     lse, probs = zip(*(rows.softmax(scores[rank], q[0].dtype) for rank in range(W)))
     out = [torch.zeros(x.shape, dtype=acc) for x in q]
+    # BEGIN SOLUTION rsa ring of values: out += P[:, :, block(src)]·v_src as V travels
     v_from_prev_rank = [[v[rank]] for rank in range(W)]
     for step in range(W):  # ring of values (RingAV): out += P[:, :, block(src)]·v_src
         if step < W - 1:
@@ -94,6 +97,7 @@ def _forward(world, q, k, v, positions, causal, scale):
                               "forward", step, block=src)  # fmt: skip
         if step < W - 1:
             v_from_prev_rank = shift.wait()
+    # END SOLUTION
     return [o.to(q[0].dtype) for o in out], list(lse), list(probs)
 
 
@@ -105,6 +109,7 @@ def _backward(world, dout, q, k, v, probs, positions, causal, scale):
     acc = blocks.accumulation_dtype(q[0].dtype)
     batch, seq_local, heads_q, _ = q[0].shape
     rows_shape = (batch, heads_q, seq_local, W * seq_local)  # (B, Hq, S/W, S): full score rows
+    # BEGIN SOLUTION rsa backward of values: dV = P^T·dO all-reduced, then dP as V travels again
     # RingAV.backward: dV = P^T·dO all-reduced, then dP as V travels the ring again
     dv = _all_reduced_key_gradient(world, probs, dout, k[0].shape[2], 1.0, positions, causal)
     dprobs = [torch.zeros(rows_shape, dtype=acc) for _ in q]
@@ -122,7 +127,9 @@ def _backward(world, dout, q, k, v, probs, positions, causal, scale):
                               "backward", step, block=src)  # fmt: skip
         if step < W - 1:
             v_from_prev_rank = shift.wait()
+    # END SOLUTION
     dscores = [rows.softmax_backward(probs[rank], dprobs[rank]) for rank in range(W)]
+    # BEGIN SOLUTION rsa backward of keys: dK = scale·dS^T·Q all-reduced, then dQ as K travels again
     # RingQK.backward: dK = scale·dS^T·Q all-reduced, then dQ as K travels the ring again
     dk = _all_reduced_key_gradient(world, dscores, q, k[0].shape[2], scale, positions, causal)
     dq = [torch.zeros(x.shape, dtype=acc) for x in q]
@@ -140,6 +147,7 @@ def _backward(world, dout, q, k, v, probs, positions, causal, scale):
                               "backward", step, block=src)  # fmt: skip
         if step < W - 1:
             k_from_prev_rank = shift.wait()
+    # END SOLUTION
     dtype = q[0].dtype
     return [x.to(dtype) for x in dq], [x.to(dtype) for x in dk], [x.to(dtype) for x in dv]
 

@@ -72,6 +72,7 @@ def simulate(
     scale: float | None = None,
     positions: list[torch.Tensor] | None = None,
     record_steps: bool = False,
+    emulate=None,
 ) -> Simulation:
     """Emulate ``method`` on ``world`` ranks, full (B, S, H, D) inputs, sequence before heads.
 
@@ -81,7 +82,9 @@ def simulate(
     (forward only). They are sharded with ``layout`` (composed with ``ulysses=U`` for usp), or
     by ``positions`` when given: ``positions[r]`` (S/W,) the global positions rank r holds, in
     order (every position once; softmax methods only; ``layout`` is then ignored).
-    ``record_steps`` keeps what every step computed in ``Simulation.steps``.
+    ``record_steps`` keeps what every step computed in ``Simulation.steps``; ``emulate`` runs
+    another emulation of the method instead of the oracle's own, with its signature (the
+    exercises' grader runs a learner's this way).
     Returns a ``Simulation``: out (B, S, Hq, D), lse (B, Hq, S) (None for linear methods),
     dq, dk, dv full-size (None without dout), ``ranks[r]`` what rank r holds, and the ledger.
     """
@@ -105,7 +108,8 @@ def simulate(
     if method in LINEAR_METHODS:
         options["decay"] = decay
     emulated = World(list(range(world)), steps=[] if record_steps else None)
-    records = _emulator(method)(emulated, cut(q), cut(k), cut(v), cut(dout), **options)
+    emulate = emulate or _emulator(method)
+    records = emulate(emulated, cut(q), cut(k), cut(v), cut(dout), **options)
 
     def glue(name: str, dim: int = 1) -> torch.Tensor | None:
         parts = [getattr(record, name) for record in records]

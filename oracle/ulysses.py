@@ -37,6 +37,7 @@ def _seq_to_heads(world, x, *, phase):
 
     Rank i sends its head group j to rank j; rank j concatenates the U pieces in rank order.
     """
+    # BEGIN SOLUTION ulysses sequence to heads: send head group j to rank j, gather the sequence
     degree = world.size
     B, S_local, H, D = x[0].shape
     # (B, S/W, H, D) -> (B, S/W, U, H/U, D) -> U x (B, S/W, H/U, D), piece j for rank j
@@ -46,6 +47,7 @@ def _seq_to_heads(world, x, *, phase):
     ]
     received = world.all_to_all(chunks, phase=phase)
     return [torch.cat(received[rank], dim=1) for rank in range(degree)]  # (B, S, H/U, D)
+    # END SOLUTION
 
 
 def _heads_to_seq(world, x, *, phase):
@@ -53,10 +55,12 @@ def _heads_to_seq(world, x, *, phase):
 
     Rank j sends rank i its tokens (the i-th S/W slice) of head group j; rank i stacks the groups.
     """
+    # BEGIN SOLUTION ulysses heads to sequence: send rank i its tokens of our heads, stack the heads
     degree = world.size
     chunks = [list(x[rank].chunk(degree, dim=1)) for rank in range(degree)]  # U x (B, S/W, H/U, D)
     received = world.all_to_all(chunks, phase=phase)
     return [torch.cat(received[rank], dim=2) for rank in range(degree)]  # (B, S/W, H, D)
+    # END SOLUTION
 
 
 def _qkv_to_heads(world, q, k, v):
@@ -128,6 +132,7 @@ def _backward(world, dout, saved, positions, causal, scale, heads_kv):
 
     Returns dq: W x (B, S/W, Hq, D) and dk, dv: W x (B, S/W, Hkv, D), in dout's dtype.
     """
+    # BEGIN SOLUTION ulysses backward: dout to heads, the local backward, dq, dk, dv back
     sequence = torch.cat(positions)  # (S,)
     q_heads, k_heads, v_heads, out_heads, lse_heads = saved
     dout_heads = _seq_to_heads(world, dout, phase="backward")  # (B, S, Hq/U, D)
@@ -141,6 +146,7 @@ def _backward(world, dout, saved, positions, causal, scale, heads_kv):
         # final gradients, sent in the input dtype (see the module docstring)
         dq_heads[rank], dk_heads[rank], dv_heads[rank] = (g.to(dout[rank].dtype) for g in grads)
     return _grads_to_seq(world, dq_heads, dk_heads, dv_heads, heads_kv)
+    # END SOLUTION
 
 
 def _macs(q_heads, sequence, causal, backward=False):

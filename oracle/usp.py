@@ -88,6 +88,7 @@ def _forward(world, q, k, v, positions, causal, scale, mesh):
     heads layout: q: (B, S/R, Hq/U, D), k, v: (B, S/R, max(Hkv/U, 1), D), out like q,
     lse: (B, Hq/U, S/R), each a list over ranks.
     """
+    # BEGIN SOLUTION usp forward: to heads in the ulysses group, ring over the ring group, back
     ring_positions = heads.gathered_positions(positions, mesh.ulysses)  # R x (S/R,)
     # sequence -> heads inside each ulysses group: (B, S/W, H, D) -> (B, S/R, H/U, D)
     q_heads, k_heads, v_heads = _in_groups(
@@ -101,6 +102,7 @@ def _forward(world, q, k, v, positions, causal, scale, mesh):
     # heads -> sequence: (B, S/R, Hq/U, D) -> (B, S/W, Hq, D)
     out = _in_groups(world, mesh.ulysses_groups, ulysses._heads_to_seq, out_heads, phase="forward")
     return out, (q_heads, k_heads, v_heads, out_heads, lse_heads)
+    # END SOLUTION
 
 
 def _backward(world, dout, saved, positions, causal, scale, heads_kv, mesh):
@@ -108,6 +110,7 @@ def _backward(world, dout, saved, positions, causal, scale, heads_kv, mesh):
 
     Returns dq: W x (B, S/W, Hq, D) and dk, dv: W x (B, S/W, Hkv, D), in dout's dtype.
     """
+    # BEGIN SOLUTION usp backward: dout to heads, the ring backward, gradients back to sequence
     ring_positions = heads.gathered_positions(positions, mesh.ulysses)  # R x (S/R,)
     # sequence -> heads: (B, S/W, Hq, D) -> (B, S/R, Hq/U, D)
     dout_heads = _in_groups(
@@ -123,6 +126,7 @@ def _backward(world, dout, saved, positions, causal, scale, heads_kv, mesh):
         world, mesh.ulysses_groups, ulysses._grads_to_seq, dq_heads, dk_heads, dv_heads,
         heads_kv=heads_kv,
     )  # fmt: skip
+    # END SOLUTION
 
 
 def emulate(

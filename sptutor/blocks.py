@@ -112,6 +112,7 @@ def merge(
     Stable: everything is shifted by the larger LSE, and a part with lse -inf (no visible key)
     gets weight 0; if both are -inf the result is out 0, lse -inf.
     """
+    # BEGIN SOLUTION merge: combine two partial results by their LSE, stably (online softmax)
     larger = torch.maximum(lse, block_lse)
     shift = torch.where(torch.isinf(larger), torch.zeros_like(larger), larger)
     weight, block_weight = torch.exp(lse - shift), torch.exp(block_lse - shift)  # in [0, 1]
@@ -124,6 +125,7 @@ def merge(
 
     merged_out = per_token(weight) * out + per_token(block_weight) * block_out
     return merged_out, merged_lse
+    # END SOLUTION
 
 
 def attention_block_backward(
@@ -147,6 +149,7 @@ def attention_block_backward(
     ``dQ = scale·dS K``, ``dK = scale·dS^T Q``. Summing them over every block of keys gives the
     gradients of full attention. Returns dq: (B, S_q, Hq, D), dk, dv: (B, S_k, Hkv, D).
     """
+    # BEGIN SOLUTION block backward: dV, dS, dQ, dK of one block, from the final out and LSE
     batch, seq_q, heads_q, head_dim = q.shape
     heads_kv = k.shape[2]
     probs = _probabilities(_scores(q, k, q_pos, k_pos, causal, scale), lse)  # (B, Hkv, G, S_q, S_k)
@@ -159,3 +162,4 @@ def attention_block_backward(
     dq = torch.einsum("bhgqk,bkhd->bqhgd", dscores, k.to(acc)) * scale
     dk = torch.einsum("bhgqk,bqhgd->bkhd", dscores, group_query_heads(q, heads_kv).to(acc)) * scale
     return dq.reshape(batch, seq_q, heads_q, head_dim), dk, dv
+    # END SOLUTION

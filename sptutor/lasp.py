@@ -72,15 +72,19 @@ def _forward(q, k, v, decay, group, backend):
     chunk = q.shape[1]
     # the last rank's state would go nowhere: it builds none
     out, local_state = _local_forward(q, k, v, decay, rank < W - 1, backend)
+    # BEGIN SOLUTION lasp forward chain: receive KV_p0, pass KV_out on at once, then read KV_p0
     kv_from_prev_rank = None
     if rank > 0:  # step rank-1: rank t waits for rank t-1
-        kv_from_prev_rank = comm.recv(_state_like(q), rank - 1, group)
+        kv_from_prev_rank = comm.recv(
+            _state_like(q), rank - 1, group, phase="forward", step=rank - 1
+        )
     state_in = kv_from_prev_rank  # state caching: kept for backward, never resent
     if rank < W - 1:  # pass KV_out on first: the next rank waits for it, not for our output
         kv_out = chunks.carry(kv_from_prev_rank, local_state, decay, chunk)
         comm.send(kv_out, rank + 1, group, phase="forward", step=rank)
     if state_in is not None:
         out = out + chunks.readout(q, state_in, decay)
+    # END SOLUTION
     return out, state_in
 
 
@@ -93,14 +97,18 @@ def _backward(dout, q, k, v, state_in, decay, group, backend):
     chunk = q.shape[1]
     # rank 0 read no state: it owes no dKV to anyone
     dq, dk, dv, local_dstate = _local_backward(dout, q, k, v, state_in, decay, rank > 0, backend)
+    # BEGIN SOLUTION lasp backward chain: receive dKV_out, send dKV_p0 back, add state gradients
     dkv_from_next_rank = None
     if rank < W - 1:  # step W-2-rank: rank t waits for rank t+1
-        dkv_from_next_rank = comm.recv(_state_like(q), rank + 1, group)
+        dkv_from_next_rank = comm.recv(
+            _state_like(q), rank + 1, group, phase="backward", step=W - 2 - rank
+        )
     dkv_out = dkv_from_next_rank  # the gradient of the KV this rank sent forward
     if rank > 0:  # pass dKV_p0 back first: the previous rank waits for it
         dkv_in = chunks.carry(dkv_out, local_dstate, decay, chunk)
         comm.send(dkv_in, rank - 1, group, phase="backward", step=W - 1 - rank)
     dk, dv = _add_state_gradients(dk, dv, dkv_out, k, v, decay)
+    # END SOLUTION
     return dq, dk, dv
 
 

@@ -32,6 +32,7 @@ def _forward(q, k, v, positions, causal, scale, group, backend):
     rank, _ = comm.rank_and_size(group)
     acc = blocks.accumulation_dtype(q.dtype)
     batch, seq_local, heads_q, _ = q.shape
+    # BEGIN SOLUTION lss forward: one all-gather of [K‖V], attend to every block, merge by LSE
     # K and V stacked into one tensor, so that one collective moves both
     fused = torch.stack((k, v))  # (2, B, S/W, Hkv, D)
     # kept as gathered: the buffer the collective filled is the one saved for backward
@@ -47,6 +48,7 @@ def _forward(q, k, v, positions, causal, scale, group, backend):
         )
         # merge partial outputs by their LSE (online softmax)
         out, lse = blocks.merge(out, lse, block_out, block_lse)
+    # END SOLUTION
     return out.to(q.dtype), lse, kv_gathered
 
 
@@ -58,6 +60,7 @@ def _backward(dout, q, kv_gathered, out, lse, positions, causal, scale, group, b
     rank, _ = comm.rank_and_size(group)
     acc = blocks.accumulation_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    # BEGIN SOLUTION lss backward: every block's gradients, one reduce-scatter of [dK‖dV]
     # dkv_shares[src]: this rank's share of src's [dK‖dV], (2, B, S/W, Hkv, D); 0 if masked
     dkv_shares = [torch.zeros(kv.shape, dtype=acc, device=kv.device) for kv in kv_gathered]
     for src, (k_block, v_block) in enumerate(kv_gathered):
@@ -71,6 +74,7 @@ def _backward(dout, q, kv_gathered, out, lse, positions, causal, scale, group, b
         dkv_shares[src] = torch.stack((block_dk, block_dv))
     # one fused reduce-scatter: the owner of each block receives the sum of every rank's share
     dkv = comm.reduce_scatter(dkv_shares, group, phase="backward")  # (2, B, S/W, Hkv, D)
+    # END SOLUTION
     dtype = q.dtype
     return dq.to(dtype), dkv[0].to(dtype), dkv[1].to(dtype)
 

@@ -14,4 +14,6 @@ def show(function: Callable) -> None:
     """Display ``function``'s source, syntax-highlighted, as a notebook cell's output."""
     from IPython.display import Code, display  # the docs extra brings IPython (ipykernel)
 
-    display(Code(inspect.getsource(function), language="python"))
+    from sptutor.exercises.markers import without_markers  # the exercises' markers are not shown
+
+    display(Code(without_markers(inspect.getsource(function)), language="python"))

@@ -28,6 +28,7 @@ def _forward(q, k, v, positions, causal, scale, group, backend):
     batch, seq_local, heads_q, _ = q.shape
     out = torch.zeros(q.shape, dtype=acc, device=q.device)
     lse = torch.full((batch, heads_q, seq_local), float("-inf"), dtype=acc, device=q.device)
+    # BEGIN SOLUTION ring forward: pass K, V on, attend to the block held, merge it by its LSE
     kv_from_prev_rank = [k, v]  # step 0: this rank's own
     for step in range(W):
         if step < W - 1:  # start passing the block on; it travels while we compute
@@ -42,6 +43,7 @@ def _forward(q, k, v, positions, causal, scale, group, backend):
             out, lse = blocks.merge(out, lse, block_out, block_lse)
         if step < W - 1:
             kv_from_prev_rank = shift.wait()
+    # END SOLUTION
     return out.to(q.dtype), lse
 
 
@@ -53,6 +55,7 @@ def _backward(dout, q, k, v, out, lse, positions, causal, scale, group, backend)
     rank, W = comm.rank_and_size(group)
     acc = blocks.accumulation_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    # BEGIN SOLUTION ring backward: K, V travel again with the dK, dV accumulators; one hop home
     kv_from_prev_rank = [k, v]
     dkv_from_prev_rank = [torch.zeros(k.shape, dtype=acc, device=k.device) for _ in range(2)]
     for step in range(W):
@@ -73,6 +76,7 @@ def _backward(dout, q, k, v, out, lse, positions, causal, scale, group, backend)
         # dK, dV accumulators travel with their block; after the last step this hop brings them home
         dkv_shift = comm.ring_shift(dkv_from_prev_rank, group, phase="backward", step=step)
         dkv_from_prev_rank = dkv_shift.wait()
+    # END SOLUTION
     dk, dv = dkv_from_prev_rank
     return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
 

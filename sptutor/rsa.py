@@ -40,6 +40,7 @@ def _forward(q, k, v, positions, causal, scale, group):
     rows_shape = (batch, heads_q, seq_local, W * seq_local)  # (B, Hq, S/W, S): full score rows
     # -inf until a block fills them (fully masked blocks are never computed)
     scores = torch.full(rows_shape, float("-inf"), dtype=acc, device=q.device)
+    # BEGIN SOLUTION rsa ring of keys: fill the full score rows block by block as K travels
     k_from_prev_rank = [k]  # step 0: this rank's own
     for step in range(W):  # ring of keys (RingQK): S[:, :, block(src)] = scale·q·k_src^T
         if step < W - 1:  # start passing the block on; it travels while we compute
@@ -53,9 +54,11 @@ def _forward(q, k, v, positions, causal, scale, group):
             )
         if step < W - 1:
             k_from_prev_rank = shift.wait()
+    # END SOLUTION
     # softmax over the whole row (no online softmax); P is kept in the inputs' dtype
     lse, probs = rows.softmax(scores, q.dtype)
     out = torch.zeros(q.shape, dtype=acc, device=q.device)
+    # BEGIN SOLUTION rsa ring of values: out += P[:, :, block(src)]·v_src as V travels
     v_from_prev_rank = [v]
     for step in range(W):  # ring of values (RingAV): out += P[:, :, block(src)]·v_src
         if step < W - 1:
@@ -67,6 +70,7 @@ def _forward(q, k, v, positions, causal, scale, group):
             out += rows.weighted_block(probs[..., columns], v_block)
         if step < W - 1:
             v_from_prev_rank = shift.wait()
+    # END SOLUTION
     return out.to(q.dtype), lse, probs
 
 
@@ -78,6 +82,7 @@ def _backward(dout, q, k, v, probs, positions, causal, scale, group):
     acc = blocks.accumulation_dtype(q.dtype)
     batch, seq_local, heads_q, _ = q.shape
     rows_shape = (batch, heads_q, seq_local, W * seq_local)  # (B, Hq, S/W, S): full score rows
+    # BEGIN SOLUTION rsa backward of values: dV = P^T·dO all-reduced, then dP as V travels again
     # RingAV.backward: dV = P^T·dO all-reduced, then dP as V travels the ring again
     dv = _all_reduced_key_gradient(probs, dout, k.shape[2], 1.0, group)
     dprobs = torch.zeros(rows_shape, dtype=acc, device=q.device)
@@ -92,7 +97,9 @@ def _backward(dout, q, k, v, probs, positions, causal, scale, group):
             dprobs[..., columns] = rows.dprobs_block(dout, v_block)
         if step < W - 1:
             v_from_prev_rank = shift.wait()
+    # END SOLUTION
     dscores = rows.softmax_backward(probs, dprobs)
+    # BEGIN SOLUTION rsa backward of keys: dK = scale·dS^T·Q all-reduced, then dQ as K travels again
     # RingQK.backward: dK = scale·dS^T·Q all-reduced, then dQ as K travels the ring again
     dk = _all_reduced_key_gradient(dscores, q, k.shape[2], scale, group)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
@@ -107,6 +114,7 @@ def _backward(dout, q, k, v, probs, positions, causal, scale, group):
             dq += rows.weighted_block(dscores[..., columns], k_block) * scale
         if step < W - 1:
             k_from_prev_rank = shift.wait()
+    # END SOLUTION
     dtype = q.dtype
     return dq.to(dtype), dk.to(dtype), dv.to(dtype)
 

@@ -38,12 +38,14 @@ def _seq_to_heads(x, group, *, phase):
     This rank sends its head group j to group rank j, and concatenates the U pieces it receives in
     group-rank order.
     """
+    # BEGIN SOLUTION ulysses sequence to heads: send head group j to rank j, gather the sequence
     _, degree = comm.rank_and_size(group)
     B, S_local, H, D = x.shape
     # (B, S/W, H, D) -> (B, S/W, U, H/U, D) -> U x (B, S/W, H/U, D), piece j for rank j
     chunks = list(x.reshape(B, S_local, degree, H // degree, D).unbind(2))
     received = comm.all_to_all(chunks, group, phase=phase)
     return torch.cat(received, dim=1)  # (B, S, H/U, D)
+    # END SOLUTION
 
 
 def _heads_to_seq(x, group, *, phase):
@@ -52,10 +54,12 @@ def _heads_to_seq(x, group, *, phase):
     This rank sends group rank i its tokens (the i-th S/W slice) of our head group, and stacks the
     head groups it receives.
     """
+    # BEGIN SOLUTION ulysses heads to sequence: send rank i its tokens of our heads, stack the heads
     _, degree = comm.rank_and_size(group)
     chunks = list(x.chunk(degree, dim=1))  # U x (B, S/W, H/U, D)
     received = comm.all_to_all(chunks, group, phase=phase)
     return torch.cat(received, dim=2)  # (B, S/W, H, D)
+    # END SOLUTION
 
 
 def _qkv_to_heads(q, k, v, group):
@@ -126,6 +130,7 @@ def _backward(dout, saved, positions, causal, scale, heads_kv, group, backend):
 
     Returns dq: (B, S/W, Hq, D) and dk, dv: (B, S/W, Hkv, D), in dout's dtype.
     """
+    # BEGIN SOLUTION ulysses backward: dout to heads, the local backward, dq, dk, dv back
     sequence = torch.cat(positions)  # (S,)
     q_heads, k_heads, v_heads, out_heads, lse_heads = saved
     dout_heads = _seq_to_heads(dout, group, phase="backward")  # (B, S, Hq/U, D)
@@ -136,6 +141,7 @@ def _backward(dout, saved, positions, causal, scale, heads_kv, group, backend):
     # final gradients, sent in the input dtype (see the module docstring)
     dq_heads, dk_heads, dv_heads = (g.to(dout.dtype) for g in grads)
     return _grads_to_seq(dq_heads, dk_heads, dv_heads, heads_kv, group)
+    # END SOLUTION
 
 
 class _UlyssesAttention(torch.autograd.Function):

@@ -33,6 +33,7 @@ def _forward(q, k, v, positions, causal, scale, mesh, backend):
     heads layout: q: (B, S/R, Hq/U, D), k, v: (B, S/R, max(Hkv/U, 1), D), out like q,
     lse: (B, Hq/U, S/R).
     """
+    # BEGIN SOLUTION usp forward: to heads in the ulysses group, ring over the ring group, back
     ring_positions = heads.gathered_positions(positions, mesh.ulysses)  # R x (S/R,)
     # sequence -> heads inside the ulysses group: (B, S/W, H, D) -> (B, S/R, H/U, D)
     q_heads, k_heads, v_heads = ulysses._qkv_to_heads(q, k, v, mesh.ulysses_group)
@@ -43,6 +44,7 @@ def _forward(q, k, v, positions, causal, scale, mesh, backend):
     # heads -> sequence: (B, S/R, Hq/U, D) -> (B, S/W, Hq, D)
     out = ulysses._heads_to_seq(out_heads, mesh.ulysses_group, phase="forward")
     return out, (q_heads, k_heads, v_heads, out_heads, lse_heads)
+    # END SOLUTION
 
 
 def _backward(dout, saved, positions, causal, scale, heads_kv, mesh, backend):
@@ -50,6 +52,7 @@ def _backward(dout, saved, positions, causal, scale, heads_kv, mesh, backend):
 
     Returns dq: (B, S/W, Hq, D) and dk, dv: (B, S/W, Hkv, D), in dout's dtype.
     """
+    # BEGIN SOLUTION usp backward: dout to heads, the ring backward, gradients back to sequence
     ring_positions = heads.gathered_positions(positions, mesh.ulysses)  # R x (S/R,)
     # sequence -> heads: (B, S/W, Hq, D) -> (B, S/R, Hq/U, D)
     dout_heads = ulysses._seq_to_heads(dout, mesh.ulysses_group, phase="backward")
@@ -59,6 +62,7 @@ def _backward(dout, saved, positions, causal, scale, heads_kv, mesh, backend):
     )
     # heads -> sequence, K/V replicas summed: (B, S/R, H/U, D) -> (B, S/W, H, D)
     return ulysses._grads_to_seq(dq_heads, dk_heads, dv_heads, heads_kv, mesh.ulysses_group)
+    # END SOLUTION
 
 
 class _UspAttention(torch.autograd.Function):

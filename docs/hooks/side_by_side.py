@@ -16,6 +16,8 @@ import difflib
 import re
 from pathlib import Path
 
+from sptutor.exercises.markers import without_markers
+
 ROOT = Path(__file__).resolve().parents[2]
 PAIRS = ("ring", "rsa", "ulysses", "usp", "lss", "lasp", "lasp2")
 MARKER = re.compile(r"<!-- side-by-side: (\w+) -->")
@@ -66,8 +68,8 @@ def duplicated_functions(method: str) -> list[str]:
 def _table(method: str) -> str:
     oracle_file, real_file = pair_files(method)
     table = difflib.HtmlDiff(tabsize=4, wrapcolumn=64).make_table(
-        oracle_file.read_text().splitlines(),
-        real_file.read_text().splitlines(),
+        without_markers(oracle_file.read_text()).splitlines(),
+        without_markers(real_file.read_text()).splitlines(),
         f"oracle/{method}.py (every rank in one process)",
         f"sptutor/{method}.py (one rank, torch.distributed)",
     )
