@@ -6,7 +6,8 @@ wants a GPU.
 
 Start with 'sptutor tour', then train a tiny GPT with 'sptutor train --method ring'; see one call's
 messages with 'sptutor trace ring --causal' and what each method costs with 'sptutor bench comm'.
-Check your own implementation with 'sptutor check my_module:my_ring --method ring'.
+Check your own implementation with 'sptutor check my_module:my_ring --method ring'; write one
+yourself with 'sptutor exercise ring', then 'sptutor grade ring.py'.
 """
 
 from __future__ import annotations
@@ -96,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     from sptutor.checker import command as check_command
 
     check_parser = check_command.add_parser(commands)
+    from sptutor.exercises import command as exercise_command
+    from sptutor.exercises import grade as grade_command
+
+    exercise_parser = exercise_command.add_parser(commands)
+    grade_parser = grade_command.add_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "tour":
         from sptutor import tour
@@ -109,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         return _train(args, train_parser)
     if args.command == "check":
         return check_command.run(args, check_parser)
+    if args.command == "grade":
+        return grade_command.run(args, grade_parser)
+    if args.command == "exercise":
+        return exercise_command.run(args, exercise_parser)
     return 0
 
 

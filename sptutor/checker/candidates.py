@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import torch
 
-from sptutor import blocks, layout, oracle
+from sptutor import blocks, chunks, layout, oracle
 from sptutor.checker.cases import Case
 
 
@@ -19,9 +19,15 @@ def candidates(case, expected, results, local, name) -> Iterator[tuple[torch.Ten
     sim, records = expected.sim, expected.sim.ranks
     for other, record in enumerate(records):
         if other != local:
-            yield getattr(record, name), (
-                f"it is rank {case.members[other]}'s {name} (a shard went to the wrong rank: a "
-                "wrong peer, a missed hop, or another token layout than the case's)")  # fmt: skip
+            whose = f"it is rank {case.members[other]}'s {name}"
+            if name in ("dk", "dv"):
+                yield getattr(record, name), (
+                    f"{whose}: the {name} accumulators stopped a hop short of home, or went to "
+                    "the wrong rank")  # fmt: skip
+            else:
+                yield getattr(record, name), (
+                    f"{whose} (a shard went to the wrong rank: a wrong peer, a missed hop, or "
+                    "another token layout than the case's)")  # fmt: skip
     truth = getattr(records[local], name)
     if name != "lse" and truth.shape[1] == truth.shape[2]:  # S/W == H: the layouts look alike
         yield truth.transpose(1, 2).contiguous().view(truth.shape), (
@@ -52,11 +58,18 @@ def _step_candidates(case, sim, local, name) -> Iterator[tuple[torch.Tensor, str
         subsets = [([rank], "only this rank's own block: the blocks it received are not merged")]
         last = "only the last block it received: each step overwrites the result instead of "
         subsets.append(([order[-1]], last + "merging it (the LSE rescale is missing)"))
-        for left_out in order if len(order) > 1 else []:
-            subsets.append(([b for b in order if b != left_out],
-                            f"the block of rank {left_out} is missing from the merge"))  # fmt: skip
+        for left_out in order:
+            whose = f"the block of rank {left_out}"
+            if left_out == rank:
+                whose = "this rank's own block (the diagonal one)"
+            others = [b for b in order if b != left_out]
+            subsets.append((others, f"{whose} is missing from the merge"))
         for chosen, meaning in subsets:
-            if all(b in made for b in chosen):
+            if not chosen:  # nothing merged: out 0, lse -inf
+                record = sim.ranks[local]
+                yield (torch.zeros_like(record.out) if name == "out" else
+                       torch.full_like(record.lse, float("-inf"))), meaning  # fmt: skip
+            elif all(b in made for b in chosen):
                 yield _merge([made[b] for b in chosen])[index], meaning
         if name == "out" and len(order) > 1:
             summed = sum(made[b]["out"] for b in order)
@@ -102,9 +115,16 @@ def _convention_candidates(case, expected, local, name) -> Iterator[tuple[torch.
         if full.get(name) is not None:
             yield full[name].index_select(dim, pos), meaning
     if case.method == "ring" and name in ("out", "lse"):
-        yield _ring_reversed(case, expected, local)[name], (
+        yield _ring_mismatched(case, expected, local, 1, -1)[name], (
             "K, V travel the ring the wrong way (sent to rank - 1, received from rank + 1), so "
             "each block is masked with another rank's positions")  # fmt: skip
+        yield _ring_mismatched(case, expected, local, -1, 1)[name], (
+            "each block held is masked as the block of rank + step, not rank - step (the "
+            "source of a step computed the wrong way round)")  # fmt: skip
+    if case.method == "lasp" and name == "out" and case.decay is not None and local > 1:
+        yield _lasp_carried_without_decay(case, expected, local), (
+            "the state is carried from rank to rank without its decay (the decay^C of each hop "
+            "is missing)")  # fmt: skip
     if case.is_linear:
         q, k, v, dout = (x.index_select(1, pos) for x in case.inputs(torch.float64))
         alone = _with_grads(oracle.full_linear_attention, (q, k, v), dout,
@@ -154,18 +174,28 @@ def _with_grads(attention, inputs, dout, *args, **options) -> dict:
     return found
 
 
-def _ring_reversed(case, expected, local) -> dict:
-    """Rank ``local``'s out and lse if blocks came from rank + step but were masked as the
-    block of rank - step (the ring's peers swapped)."""
+def _ring_mismatched(case, expected, local, data_sign, mask_sign) -> dict:
+    """Rank ``local``'s out and lse if at each step it held the block of rank + data_sign·step
+    but masked it as the block of rank + mask_sign·step (the ring's peers mixed up)."""
     world = case.world
     q, k, v = (layout.shard_by(x, expected.owned) for x in case.inputs(torch.float64)[:3])
     positions = expected.owned
     scale = case.head_dim**-0.5
     parts = []
     for step in range(world):
-        data, masked_as = (local + step) % world, (local - step) % world
+        data, masked_as = (local + data_sign * step) % world, (local + mask_sign * step) % world
         out, lse = blocks.attention_block(q[local], k[data], v[data], positions[local],
                                           positions[masked_as], case.causal, scale)  # fmt: skip
         parts.append({"out": out, "lse": lse})
     out, lse = _merge(parts)
     return {"out": out, "lse": lse}
+
+
+def _lasp_carried_without_decay(case, expected, local) -> torch.Tensor:
+    """Rank ``local``'s LASP output if each rank passed ``state + local`` on, not
+    ``decay^C · state + local``: its chunk's own part plus what it reads of that state."""
+    q, k, v = (layout.shard_by(x, expected.owned) for x in case.inputs(torch.float64)[:3])
+    decay = case.decay_tensor(torch.float64)
+    state = sum(chunks.local_state(k[t], v[t], decay, heads_q=case.heads_q) for t in range(local))
+    own = chunks.intra(q[local], k[local], v[local], decay)
+    return own + chunks.readout(q[local], state, decay)

@@ -37,6 +37,7 @@ class RankVerdict:
     messages_match: bool = False
     exact: bool = False
     saved_match: bool | None = None
+    difference: tuple | None = None  # (index, yours, the oracle's): the first message that differs
 
     @property
     def wrong(self) -> list[str]:
@@ -149,8 +150,10 @@ def judge(
             problems.append(saved)
         information = [messages, saved]
         saved_match = result["saved"] == saved_bytes if backward else None
+        difference = _first_difference(case, expected, local, result, backward)
         verdicts.append(RankVerdict(case.members[local], errors, limits, problems, information,
-                                    same, bool(result["messages"]), saved_match))  # fmt: skip
+                                    same, bool(result["messages"]), saved_match,
+                                    difference))  # fmt: skip
     return verdicts
 
 
@@ -159,6 +162,23 @@ def _error(mine: torch.Tensor, theirs: torch.Tensor) -> float:
     if bool(torch.isnan(mine).any()):
         return float("inf")
     return relative_error(mine, theirs)
+
+
+def _first_difference(case, expected, local, result, backward) -> tuple | None:
+    """(index, your key or None, the oracle's key or None) of the first message logged through
+    sptutor's ledger that differs from the oracle's (keys: ``CommEvent.key()``); None if none
+    differs or nothing was logged."""
+    phases = ("forward", "backward") if backward else ("forward",)
+    keys = [e.key() for e in expected.accounts.ledger.messages(local) if e.phase in phases]
+    mine = [k for k in result["messages"] if k[4] in phases]
+    if not mine or mine == keys:
+        return None
+    for index in range(max(len(mine), len(keys))):
+        yours = mine[index] if index < len(mine) else None
+        theirs = keys[index] if index < len(keys) else None
+        if yours != theirs:
+            return index, yours, theirs
+    return None
 
 
 def _messages(case, expected, local, result, backward) -> tuple[str, bool]:

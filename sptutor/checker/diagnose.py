@@ -86,7 +86,7 @@ def _explain(case, expected, results, local, name) -> tuple[str, bool, str]:
     if mine[finite].abs().max() > 1e6 * max(truth[finite].abs().max().item(), 1.0):
         return where, everywhere, "it holds huge values: uninitialised memory (never written?)"
     if not mine.any():
-        return where, everywhere, "it is all zeros: never written, or every contribution missing"
+        return where, everywhere, "it is all zeros: never written, or nothing was added to it"
     precision = _precision(case, name, mine, truth)
     if precision:
         return where, everywhere, precision

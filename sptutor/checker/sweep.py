@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import shutil
+import tempfile
 from collections.abc import Callable
 
 import torch.distributed as dist
@@ -27,7 +29,7 @@ from sptutor.checker.report import CaseResult, Report, reproducer
 ADAPTER_FIELDS = tuple(f.name for f in dataclasses.fields(Adapter))
 SWEEP_FIELDS = tuple(f.name for f in dataclasses.fields(Sweep) if f.name != "worlds")
 SHRINK_RUNS = 60  # at most this many runs to shrink a failure (a hang costs a timeout each)
-SHRINK_BROKEN = 4  # stop shrinking after this many errors or hangs (each costs a fresh launch)
+SHRINK_BROKEN = 2  # stop shrinking after this many errors or hangs (each costs a fresh launch)
 
 
 def check(
@@ -41,6 +43,8 @@ def check(
     timeout: float = 30.0,
     enforce: tuple[str, ...] = (),
     pool: launch.Pool | None = None,
+    runner=None,
+    stall_timeout: float | None = None,
     **options,
 ) -> Report:
     """Check ``fn``, your per-rank attention function, against the oracle of ``method``.
@@ -60,7 +64,12 @@ def check(
     "messages" and/or "saved" make message and saved-bytes differences fail (by default they
     are information); ``pool``: a running ``launch.Pool`` to use (a case that raises or hangs
     ends it, as it ends any launch; the rest of the check then runs in fresh pools of its own,
-    so pass a live pool, ``pool.alive``, to the next check).
+    so pass a live pool, ``pool.alive``, to the next check); ``runner``: where the cases run,
+    when not on processes (an object with ``world``, ``run(case, fn, adapter)`` returning every
+    member's results or a failed ``CaseResult``, and ``close()``: the exercises' grader runs
+    learners' emulations in process this way); ``stall_timeout``: with processes, end a case
+    whose ranks all make no progress in sptutor.comm for that many seconds, and say where each
+    rank waits (code that communicates through sptutor.comm reports as it goes).
     Returns a :class:`~sptutor.checker.report.Report`; ``str(report)`` says it all.
     """
     unknown = sorted(set(options) - set(ADAPTER_FIELDS) - set(SWEEP_FIELDS))
@@ -74,7 +83,7 @@ def check(
     bad = sorted(set(enforce) - {"messages", "saved"})
     if bad:
         raise ValueError(f"enforce takes 'messages' and 'saved', got {bad}")
-    runner = _runner(world, timeout, pool)
+    runner = runner or _runner(world, timeout, pool, stall_timeout)
     if seed is None and isinstance(runner, _InPlace):
         seed = runner.shared_seed()  # every rank must draw the same cases
     try:
@@ -130,7 +139,11 @@ class _Session:
             shrinking = bool(self.failing)
             broken = sum(r.status in ("error", "hang") for r in self.failing)
             spent = sum(r.shrinking for r in self.results.values())
-            out_of_budget = spent >= SHRINK_RUNS or broken >= SHRINK_BROKEN
+            first_failed = (
+                next(iter(self.results.values())) is self.failing[0] if shrinking else False
+            )
+            # the first case drawn is the smallest there is: nothing to shrink
+            out_of_budget = first_failed or spent >= SHRINK_RUNS or broken >= SHRINK_BROKEN
             if case not in self.results and shrinking and out_of_budget:
                 return  # out of budget: hypothesis keeps the smallest failure found so far
             if not self.run(case, shrinking).passed:
@@ -171,34 +184,40 @@ def _size(case: Case) -> tuple:
     return (case.world, case.seq_len, case.heads_q, case.head_dim, case.batch)
 
 
-def _runner(world: int, timeout: float, pool):
+def _runner(world: int, timeout: float, pool, stall_timeout: float | None):
     """Processes for the cases: torchrun's when this process is one of its ranks, else a
     pool of gloo processes."""
     if dist.is_initialized() or torchrun.launched():
-        return _InPlace()
-    return _Pooled(world, timeout, pool)
+        return _InPlace(stall_timeout)
+    return _Pooled(world, timeout, pool, stall_timeout)
 
 
 class _Pooled:
     """Cases on a ``launch.Pool`` of gloo ranks, restarted after a case that broke it."""
 
-    def __init__(self, world: int, timeout: float, pool) -> None:
+    def __init__(self, world: int, timeout: float, pool, stall_timeout: float | None) -> None:
         self.world, self.timeout, self.pool, self.own = world, timeout, pool, pool is None
+        self.stall_timeout = stall_timeout
+        self.progress = tempfile.mkdtemp(prefix="sptutor-progress-") if stall_timeout else None
 
     def run(self, case: Case, fn, adapter) -> list[dict] | CaseResult:
         if self.pool is None or not self.pool.alive:
             self.pool, self.own = launch.Pool(self.world, timeout=self.timeout), True
+        watch = {"progress": (self.progress, self.stall_timeout)} if self.progress else {}
         try:
-            results = self.pool.run(_task, args=(fn, adapter, case), timeout=self.timeout)
+            results = self.pool.run(_task, args=(fn, adapter, case), timeout=self.timeout,
+                                    **watch)  # fmt: skip
         except launch.SpawnError as error:
             text = str(error)
-            hang = "timed out" in text or "never answered" in text
+            hang = any(words in text for words in ("timed out", "never answered", "stalled"))
             return CaseResult(case, "hang" if hang else "error", error=text)
         return [results[rank] for rank in case.members]
 
     def close(self) -> None:
         if self.own and self.pool is not None:
             self.pool.close()
+        if self.progress:
+            shutil.rmtree(self.progress, ignore_errors=True)
 
 
 def _task(rank: int, world: int, fn, adapter, case) -> dict | None:
@@ -209,9 +228,13 @@ class _InPlace:
     """Cases on the ranks torchrun started: every rank runs the same sweep (hypothesis is
     seeded the same everywhere) and gathers every rank's results to judge them alike."""
 
-    def __init__(self) -> None:
+    def __init__(self, stall_timeout: float | None = None) -> None:
         torchrun.init()
         self.world = dist.get_world_size()
+        if stall_timeout:
+            from sptutor.exercises import progress
+
+            progress.watchdog(stall_timeout)
 
     def run(self, case: Case, fn, adapter) -> list[dict]:
         mine = worker.run_on_rank(dist.get_rank(), fn, adapter, case, torchrun.device())

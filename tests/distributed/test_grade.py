@@ -1,0 +1,125 @@
+"""The exercises' grader: solutions pass, blanks report their TODO, and each planted mistake is
+explained in one sentence of the right category (the solution's source with one line changed).
+
+One launch of four processes serves the cases that do not break it; a blank or a deadlock ends
+its launch, as any failure does, and the grader goes on in a fresh one."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sptutor import launch
+from sptutor.exercises import blank
+from sptutor.exercises.grade import grade
+from sptutor.methods import METHODS
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = 8
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with launch.Pool(4, timeout=120.0) as running:
+        yield running
+
+
+def _write(folder: Path, name: str, text: str) -> Path:
+    path = folder / f"{name}.py"
+    path.write_text(text)
+    return path
+
+
+def _planted(source: str, old: str, new: str, count: int = 1) -> str:
+    assert source.count(old) == count, (old, source.count(old))  # the solution still has it
+    return source.replace(old, new)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_solution_passes_and_so_does_its_emulated_twin(tmp_path, pool, method):
+    real = _write(tmp_path, method, (ROOT / "sptutor" / f"{method}.py").read_text())
+    graded = grade(real, examples=EXAMPLES, pool=pool)
+    assert graded.passed, str(graded)
+    emulated = _write(tmp_path, f"oracle_{method}", (ROOT / "oracle" / f"{method}.py").read_text())
+    assert grade(emulated, examples=EXAMPLES).passed
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_blank_reports_its_first_todo(tmp_path, method):
+    graded = grade(_write(tmp_path, method, blank(method)), examples=EXAMPLES)
+    assert graded.category == "TODO left", str(graded)
+    assert graded.sentence.startswith(f"TODO: {method}"), graded.sentence
+    emulated = grade(_write(tmp_path, f"oracle_{method}", blank(f"oracle_{method}")))
+    assert emulated.category == "TODO left" and not emulated.passed
+
+
+RING = (ROOT / "sptutor" / "ring.py").read_text()
+MERGE = "            out, lse = blocks.merge(out, lse, block_out, block_lse)"
+VISIBLE = "        if blocks.any_visible(positions[rank], positions[src], causal):"
+HOP = (
+    '        dkv_shift = comm.ring_shift(dkv_from_prev_rank, group, phase="backward", step=step)\n'
+    "        dkv_from_prev_rank = dkv_shift.wait()"
+)
+SPLIT = "    return torch.cat(received, dim=1)  # (B, S, H/U, D)"
+CARRY = "kv_out = chunks.carry(kv_from_prev_rank, local_state, decay, chunk)"
+MISTAKES = [  # (name, file, (old, new, count), category, words of the sentence)
+    ("swapped peer", "ring",
+     ("src = (rank - step) % W  # whose", "src = (rank + step) % W  # whose", 1),
+     "wrong peer", "masked"),
+    ("missing LSE rescale", "ring", (MERGE, "            out, lse = block_out, block_lse", 1),
+     "a missing or wrong merge", "the LSE rescale is missing"),
+    ("diagonal block masked", "ring",
+     (VISIBLE, VISIBLE.replace("if ", "if src != rank and "), 2),
+     "a missing or wrong merge", "own block (the diagonal one) is missing"),
+    ("dropped homecoming hop", "ring",
+     (HOP, "        if step < W - 1:\n" + "\n".join("    " + line for line in HOP.split("\n")), 1),
+     "a block's gradient sent to the wrong rank", "stopped a hop short of home"),
+    ("wrong all-to-all split", "ulysses",
+     (SPLIT, SPLIT.replace("received,", "received[::-1],"), 1),
+     "a wrong all-to-all split", "it is rank 1's out"),
+    ("state carried without decay", "lasp", (CARRY, CARRY.replace("decay,", "None,"), 1),
+     "a state carried wrongly", "without its decay"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "method", "patch", "category", "words"), MISTAKES,
+                         ids=[m[0] for m in MISTAKES])  # fmt: skip
+def test_a_planted_mistake_is_explained_in_one_sentence(tmp_path, pool, name, method, patch,
+                                                        category, words):  # fmt: skip
+    source = _planted((ROOT / "sptutor" / f"{method}.py").read_text(), *patch)
+    graded = grade(_write(tmp_path, method, source), examples=20, pool=pool)
+    assert not graded.passed
+    assert graded.category == category, str(graded)
+    assert words in graded.sentence, graded.sentence
+
+
+def test_a_deadlock_says_where_each_rank_waits_and_ends_in_time(tmp_path):
+    forward = RING.split("def _backward")[0]
+    stuck = forward.replace("if step < W - 1:", "if step < W - 1 and rank != 0:")
+    path = _write(tmp_path, "ring", RING.replace(forward, stuck))
+    started = time.monotonic()
+    graded = grade(path, examples=4, stall_timeout=4.0)
+    assert time.monotonic() - started < 30  # the stall ends it; nothing waits for a timeout
+    assert graded.category == "deadlock", str(graded)
+    assert "rank 1 waits to receive from rank 0 at" in graded.sentence
+
+
+def test_the_command_line_and_torchrun_grade_alike(tmp_path):
+    solution = _write(tmp_path, "ring", RING)
+    grade_it = [sys.executable, "-m", "sptutor", "grade", str(solution), "--world", "2",
+                "--examples", "4"]  # fmt: skip
+    done = subprocess.run(grade_it, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "ring.py: every case passes" in done.stdout, done.stderr
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node", "2", "-m", "sptutor.grade", str(solution),
+                "--examples", "4"]  # fmt: skip
+    done = subprocess.run(torchrun, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("ring.py: every case passes") == 1  # rank 0 prints
+    (tmp_path / "blank").mkdir()
+    blanked = _write(tmp_path / "blank", "ring", blank("ring"))
+    done = subprocess.run([*grade_it[:4], str(blanked), *grade_it[5:]], capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 1 and "TODO: ring forward" in done.stdout
