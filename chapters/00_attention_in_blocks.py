@@ -166,3 +166,14 @@ print(f"dq summed over 4 blocks vs autograd of full attention: relative error {d
 # Read next: [1. Ring Self-Attention](01_ring_self_attention.py); the functions used here are in
 # the API pages [sptutor.blocks](../api/blocks.md) and
 # [sptutor.oracle.reference](../api/oracle-reference.md).
+
+# %% [markdown]
+# ## Exercise
+#
+# Write it yourself: the exercise `blocks` blanks chapter 0's two pieces: `merge`, the LSE merge,
+# and one block's backward, and the grader compares every shard and message with the oracle and
+# explains the first mistake in one sentence ([Exercises](../exercises.md)).
+#
+# ```bash
+#     sptutor exercise blocks && sptutor grade blocks.py
+# ```

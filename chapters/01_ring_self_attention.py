@@ -432,3 +432,16 @@ print(f"{len(multi_rank)} of the {EXAMPLES} cases ran on 2 to 4 ranks: every ran
 # (the emulation), [sptutor.rows](../api/rows.md) (the full-row maths) and
 # [sptutor.cost](../api/cost.md) (the closed forms). Next: [ring attention](02_ring_attention.py),
 # which replaces the full row by an online softmax and keeps only $O(S/W)$.
+
+# %% [markdown]
+# ## Exercise
+#
+# Write it yourself: the exercise `rsa` blanks RSA's ring of keys, its ring of values and their
+# backward, and the grader compares every shard and message with the oracle and explains the first
+# mistake in one sentence ([Exercises](../exercises.md)).
+# The emulated twin (`oracle_...`) needs no processes; the real one runs on 4:
+#
+# ```bash
+#     sptutor exercise oracle_rsa && sptutor grade oracle_rsa.py
+#     sptutor exercise rsa && sptutor grade rsa.py
+# ```

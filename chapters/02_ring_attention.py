@@ -380,3 +380,16 @@ print(f"W=8, S=64: zigzag {float(balance['zigzag']):.3f}; "
 # %% [markdown]
 # The API: [sptutor.ring](../api/ring.md) (the real code) and
 # [sptutor.oracle.ring](../api/oracle-ring.md) (the emulation).
+
+# %% [markdown]
+# ## Exercise
+#
+# Write it yourself: the exercise `ring` blanks the ring's forward step loop and its backward with
+# the dK, dV accumulators' hop home, and the grader compares every shard and message with the
+# oracle and explains the first mistake in one sentence ([Exercises](../exercises.md)).
+# The emulated twin (`oracle_...`) needs no processes; the real one runs on 4:
+#
+# ```bash
+#     sptutor exercise oracle_ring && sptutor grade oracle_ring.py
+#     sptutor exercise ring && sptutor grade ring.py
+# ```

@@ -332,3 +332,16 @@ print(f"bounded by 4·16·h·bytes = {4 * 16 * H8 * D4 * 8:,}: constant in the l
 # The API: [sptutor.ulysses](../api/ulysses.md) (the real code),
 # [sptutor.oracle.ulysses](../api/oracle-ulysses.md) (the emulation) and
 # [sptutor.heads](../api/heads.md) (the replication of K/V heads).
+
+# %% [markdown]
+# ## Exercise
+#
+# Write it yourself: the exercise `ulysses` blanks the two all-to-alls' index arithmetic and the
+# backward, and the grader compares every shard and message with the oracle and explains the first
+# mistake in one sentence ([Exercises](../exercises.md)).
+# The emulated twin (`oracle_...`) needs no processes; the real one runs on 4:
+#
+# ```bash
+#     sptutor exercise oracle_ulysses && sptutor grade oracle_ulysses.py
+#     sptutor exercise ulysses && sptutor grade ulysses.py
+# ```

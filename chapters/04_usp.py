@@ -526,3 +526,16 @@ for name, cases in meshes.items():
 # API: [sptutor.usp](../api/usp.md), [sptutor.mesh](../api/mesh.md), the emulation
 # [sptutor.oracle.usp](../api/oracle-usp.md), and the closed forms
 # [sptutor.cost](../api/cost.md).
+
+# %% [markdown]
+# ## Exercise
+#
+# Write it yourself: the exercise `usp` blanks USP's forward and backward: Ulysses inside, the
+# ring across, and the grader compares every shard and message with the oracle and explains the
+# first mistake in one sentence ([Exercises](../exercises.md)).
+# The emulated twin (`oracle_...`) needs no processes; the real one runs on 4:
+#
+# ```bash
+#     sptutor exercise oracle_usp && sptutor grade oracle_usp.py
+#     sptutor exercise usp && sptutor grade usp.py
+# ```

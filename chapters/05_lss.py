@@ -348,3 +348,16 @@ figure.tight_layout()
 # (the emulation), [sptutor.parallel](../api/parallel.md) (the grid and double gradient
 # averaging), [sptutor.train](../api/train.md); the [Training](../training.md) page derives the
 # gradient rule at length.
+
+# %% [markdown]
+# ## Exercise
+#
+# Write it yourself: the exercise `lss` blanks LSS's all-gather forward and its reduce-scatter
+# backward, and the grader compares every shard and message with the oracle and explains the first
+# mistake in one sentence ([Exercises](../exercises.md)).
+# The emulated twin (`oracle_...`) needs no processes; the real one runs on 4:
+#
+# ```bash
+#     sptutor exercise oracle_lss && sptutor grade oracle_lss.py
+#     sptutor exercise lss && sptutor grade lss.py
+# ```

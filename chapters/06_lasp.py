@@ -450,3 +450,18 @@ for what, claim, ours in table:
 # [sptutor.chunks](../../api/chunks/), and the emulations
 # [sptutor.oracle.lasp](../../api/oracle-lasp/) and
 # [sptutor.oracle.lasp2](../../api/oracle-lasp2/).
+
+# %% [markdown]
+# ## Exercise
+#
+# Write it yourself: the exercises `lasp` and `lasp2` blank LASP's state chain, forward and
+# backward, and LASP-2's all-gathered prefix, and the grader compares every shard and message with
+# the oracle and explains the first mistake in one sentence ([Exercises](../exercises.md)).
+# The emulated twin (`oracle_...`) needs no processes; the real one runs on 4:
+#
+# ```bash
+#     sptutor exercise oracle_lasp && sptutor grade oracle_lasp.py
+#     sptutor exercise lasp && sptutor grade lasp.py
+#     sptutor exercise oracle_lasp2 && sptutor grade oracle_lasp2.py
+#     sptutor exercise lasp2 && sptutor grade lasp2.py
+# ```

@@ -121,7 +121,8 @@ def _convention_candidates(case, expected, local, name) -> Iterator[tuple[torch.
         yield _ring_mismatched(case, expected, local, -1, 1)[name], (
             "each block held is masked as the block of rank + step, not rank - step (the "
             "source of a step computed the wrong way round)")  # fmt: skip
-    if case.method == "lasp" and name == "out" and case.decay is not None and local > 1:
+    linear_chain = case.method in ("lasp", "lasp2") and case.decay is not None
+    if linear_chain and name == "out" and local > 1:
         yield _lasp_carried_without_decay(case, expected, local), (
             "the state is carried from rank to rank without its decay (the decay^C of each hop "
             "is missing)")  # fmt: skip

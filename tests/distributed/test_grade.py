@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from scripts.grade_samples import MISTAKES, planted
 from sptutor import launch
 from sptutor.exercises import blank
 from sptutor.exercises.grade import grade
@@ -32,11 +33,6 @@ def _write(folder: Path, name: str, text: str) -> Path:
     return path
 
 
-def _planted(source: str, old: str, new: str, count: int = 1) -> str:
-    assert source.count(old) == count, (old, source.count(old))  # the solution still has it
-    return source.replace(old, new)
-
-
 @pytest.mark.parametrize("method", METHODS)
 def test_the_solution_passes_and_so_does_its_emulated_twin(tmp_path, pool, method):
     real = _write(tmp_path, method, (ROOT / "sptutor" / f"{method}.py").read_text())
@@ -56,39 +52,13 @@ def test_a_blank_reports_its_first_todo(tmp_path, method):
 
 
 RING = (ROOT / "sptutor" / "ring.py").read_text()
-MERGE = "            out, lse = blocks.merge(out, lse, block_out, block_lse)"
-VISIBLE = "        if blocks.any_visible(positions[rank], positions[src], causal):"
-HOP = (
-    '        dkv_shift = comm.ring_shift(dkv_from_prev_rank, group, phase="backward", step=step)\n'
-    "        dkv_from_prev_rank = dkv_shift.wait()"
-)
-SPLIT = "    return torch.cat(received, dim=1)  # (B, S, H/U, D)"
-CARRY = "kv_out = chunks.carry(kv_from_prev_rank, local_state, decay, chunk)"
-MISTAKES = [  # (name, file, (old, new, count), category, words of the sentence)
-    ("swapped peer", "ring",
-     ("src = (rank - step) % W  # whose", "src = (rank + step) % W  # whose", 1),
-     "wrong peer", "masked"),
-    ("missing LSE rescale", "ring", (MERGE, "            out, lse = block_out, block_lse", 1),
-     "a missing or wrong merge", "the LSE rescale is missing"),
-    ("diagonal block masked", "ring",
-     (VISIBLE, VISIBLE.replace("if ", "if src != rank and "), 2),
-     "a missing or wrong merge", "own block (the diagonal one) is missing"),
-    ("dropped homecoming hop", "ring",
-     (HOP, "        if step < W - 1:\n" + "\n".join("    " + line for line in HOP.split("\n")), 1),
-     "a block's gradient sent to the wrong rank", "stopped a hop short of home"),
-    ("wrong all-to-all split", "ulysses",
-     (SPLIT, SPLIT.replace("received,", "received[::-1],"), 1),
-     "a wrong all-to-all split", "it is rank 1's out"),
-    ("state carried without decay", "lasp", (CARRY, CARRY.replace("decay,", "None,"), 1),
-     "a state carried wrongly", "without its decay"),
-]  # fmt: skip
 
 
 @pytest.mark.parametrize(("name", "method", "patch", "category", "words"), MISTAKES,
                          ids=[m[0] for m in MISTAKES])  # fmt: skip
 def test_a_planted_mistake_is_explained_in_one_sentence(tmp_path, pool, name, method, patch,
                                                         category, words):  # fmt: skip
-    source = _planted((ROOT / "sptutor" / f"{method}.py").read_text(), *patch)
+    source = planted(method, *patch)
     graded = grade(_write(tmp_path, method, source), examples=20, pool=pool)
     assert not graded.passed
     assert graded.category == category, str(graded)
