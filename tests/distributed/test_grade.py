@@ -93,3 +93,27 @@ def test_the_command_line_and_torchrun_grade_alike(tmp_path):
     done = subprocess.run([*grade_it[:4], str(blanked), *grade_it[5:]], capture_output=True,
                           text=True, timeout=300)  # fmt: skip
     assert done.returncode == 1 and "TODO: ring forward" in done.stdout
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_region_left_blank_is_reported_by_its_name(tmp_path, method):
+    """The emulated twin with one region blanked at a time (in process: no launch per region);
+    the real ring likewise, on processes."""
+    from sptutor.exercises import markers
+
+    def graded(side: str, stem: str, region):
+        source = (ROOT / side / f"{method}.py").read_text()
+        text = markers.blank(source, [region])
+        folder = tmp_path / f"{stem}-{region.name.replace(' ', '-')}"
+        folder.mkdir()
+        return grade(_write(folder, stem, text), examples=4)
+
+    oracle_source = (ROOT / "oracle" / f"{method}.py").read_text()
+    for region in markers.parse(oracle_source, f"oracle/{method}.py"):
+        result = graded("oracle", f"oracle_{method}", region)
+        assert result.category == "TODO left", str(result)
+        assert result.sentence.startswith(f"TODO: {region.name}:"), result.sentence
+    if method == "ring":
+        for region in markers.parse(RING, "sptutor/ring.py"):
+            result = graded("sptutor", "ring", region)
+            assert result.sentence.startswith(f"TODO: {region.name}:"), result.sentence
