@@ -27,9 +27,9 @@ import sptutor
 from sptutor import cost, launch, layout, ledger, oracle, plots, rows
 from sptutor import rsa as real_rsa
 from sptutor.ledger import wire_bytes
-from sptutor.notebook import show
+from sptutor.notebook import check_real, show
 from sptutor.oracle import rsa as oracle_rsa
-from sptutor.testing import check_sptutor, relative_error
+from sptutor.testing import relative_error
 
 _ = torch.manual_seed(0)  # seeded: every number below is reproducible
 
@@ -398,14 +398,12 @@ for message in rank0["messages"]:
 
 # %%
 EXAMPLES = 8
-report = check_sptutor("rsa", world=W, examples=EXAMPLES, layouts=("contiguous", "zigzag"),
-                       causal=(False, True), dtypes=("float64", "float32"),
-                       enforce=("messages", "saved"), pool=POOL)  # fmt: skip
+# check_real: check_sptutor(method, world=4, dtypes=("float64", "float32"), enforce=("messages",
+# "saved"), pool=...), its report printed, passed and messages_exact asserted
+report = check_real("rsa", POOL, examples=EXAMPLES, layouts=("contiguous", "zigzag"),
+                    causal=(False, True))  # fmt: skip
 POOL.close()
-print(report)
-assert report.passed and len(report.results) == EXAMPLES
 multi_rank = report.on_several_ranks
-assert report.messages_exact  # on 2 to 4 ranks: each rank's ledger = the oracle's, event by event
 print(f"{len(multi_rank)} of the {EXAMPLES} cases ran on 2 to 4 ranks: every rank's messages "
       "and saved bytes equal the oracle's")  # fmt: skip
 

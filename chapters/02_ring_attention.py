@@ -30,10 +30,10 @@ import matplotlib.pyplot as plt
 import sptutor
 import sptutor.ring
 from sptutor import cost, launch, layout, ledger, oracle, plots
-from sptutor.notebook import show
+from sptutor.notebook import check_real, show
 from sptutor.oracle import reference
 from sptutor.oracle import ring as oracle_ring
-from sptutor.testing import check_sptutor, random_inputs, relative_error
+from sptutor.testing import random_inputs, relative_error
 
 # %% [markdown]
 # ## The ring, step by step
@@ -316,14 +316,11 @@ print("rank 0's first messages:", *results[0]["messages"][:4], sep="\n  ")
 
 # %%
 EXAMPLES = 8
-report = check_sptutor("ring", world=4, examples=EXAMPLES, layouts=layout.LAYOUTS,
-                       causal=(False, True), dtypes=("float64", "float32"),
-                       enforce=("messages", "saved"), pool=POOL)  # fmt: skip
+# check_real: check_sptutor(method, world=4, dtypes=("float64", "float32"), enforce=("messages",
+# "saved"), pool=...), its report printed, passed and messages_exact asserted
+report = check_real("ring", POOL, examples=EXAMPLES, layouts=layout.LAYOUTS, causal=(False, True))
 POOL.close()
-print(report)
-assert report.passed and len(report.results) == EXAMPLES
 multi_rank = report.on_several_ranks
-assert report.messages_exact  # on 2 to 4 ranks: each rank's ledger = the oracle's, event by event
 assert {r.case.layout for r in multi_rank} == set(layout.LAYOUTS)
 print(f"{len(multi_rank)} of the {EXAMPLES} cases ran on 2 to 4 ranks, in all three layouts: "
       "every rank's messages and saved bytes equal the oracle's")  # fmt: skip

@@ -20,10 +20,10 @@ import matplotlib.pyplot as plt
 import sptutor
 import sptutor.ulysses
 from sptutor import checks, cost, launch, layout, oracle, plots
-from sptutor.notebook import show
+from sptutor.notebook import check_real, show
 from sptutor.oracle import reference
 from sptutor.oracle import ulysses as oracle_ulysses
-from sptutor.testing import check_sptutor, random_inputs, relative_error
+from sptutor.testing import random_inputs, relative_error
 
 # %% [markdown]
 # ## The all-to-all: from sequence to heads and back
@@ -273,14 +273,12 @@ plt.show()
 # %%
 POOL = launch.Pool(4, timeout=60)  # 4 gloo processes, started once
 EXAMPLES = 8
-report = check_sptutor("ulysses", world=4, examples=EXAMPLES, layouts=layout.LAYOUTS,
-                       causal=(False, True), dtypes=("float64", "float32"),
-                       enforce=("messages", "saved"), pool=POOL)  # fmt: skip
+# check_real: check_sptutor(method, world=4, dtypes=("float64", "float32"), enforce=("messages",
+# "saved"), pool=...), its report printed, passed and messages_exact asserted
+report = check_real("ulysses", POOL, examples=EXAMPLES, layouts=layout.LAYOUTS,
+                    causal=(False, True))  # fmt: skip
 POOL.close()
-print(report)
-assert report.passed and len(report.results) == EXAMPLES
 multi_rank = report.on_several_ranks
-assert report.messages_exact  # on 2 to 4 ranks: each rank's ledger = the oracle's, event by event
 replicated = [r.case for r in multi_rank if r.case.heads_kv < r.case.world]  # Hkv < U
 assert replicated
 print(f"{len(multi_rank)} of the {EXAMPLES} cases ran on 2 to 4 ranks, {len(replicated)} of them "

@@ -25,9 +25,9 @@ import torch
 import sptutor.usp as real_usp
 from sptutor import cost, launch, layout, oracle, plots
 from sptutor.mesh import make_usp_mesh
-from sptutor.notebook import show
+from sptutor.notebook import check_real, show
 from sptutor.oracle import usp as oracle_usp
-from sptutor.testing import check_sptutor, random_inputs, relative_error
+from sptutor.testing import random_inputs, relative_error
 
 
 def message_keys(sim, rank=None):
@@ -482,14 +482,11 @@ assert all(ratios[S, "zigzag"] == 1.0 for S in (16, 64, 256))
 # %%
 POOL = launch.Pool(4, timeout=60)  # 4 gloo processes, started once
 EXAMPLES = 10
-report = check_sptutor("usp", world=4, examples=EXAMPLES, layouts=layout.LAYOUTS,
-                       causal=(False, True), dtypes=("float64", "float32"),
-                       enforce=("messages", "saved"), pool=POOL)  # fmt: skip
+# check_real: check_sptutor(method, world=4, dtypes=("float64", "float32"), enforce=("messages",
+# "saved"), pool=...), its report printed, passed and messages_exact asserted
+report = check_real("usp", POOL, examples=EXAMPLES, layouts=layout.LAYOUTS, causal=(False, True))
 POOL.close()
-print(report)
-assert report.passed and len(report.results) == EXAMPLES
 multi_rank = report.on_several_ranks
-assert report.messages_exact  # on 2 to 4 ranks: each rank's ledger = the oracle's, event by event
 meshes = {
     "ring (U = 1)": [r.case for r in multi_rank if r.case.ulysses == 1],
     "Ulysses (U = W)": [r.case for r in multi_rank if r.case.ulysses == r.case.world],

@@ -37,9 +37,9 @@ import torch
 from sptutor import cost, launch, layout, oracle, parallel, plots, train
 from sptutor import lss as real_lss
 from sptutor.model import GPTConfig, TinyGPT
-from sptutor.notebook import show
+from sptutor.notebook import check_real, show
 from sptutor.oracle import lss as oracle_lss
-from sptutor.testing import check_sptutor, relative_error
+from sptutor.testing import relative_error
 
 _ = torch.manual_seed(0)  # seeded: every number below is reproducible
 
@@ -228,11 +228,9 @@ plt.show()
 # %%
 POOL = launch.Pool(4, timeout=60)  # the section's 4 processes, started once
 EXAMPLES = 8
-report = check_sptutor("lss", world=4, examples=EXAMPLES, layouts=layout.LAYOUTS,
-                       causal=(False, True), dtypes=("float64", "float32"),
-                       enforce=("messages", "saved"), pool=POOL)  # fmt: skip
-print(report)
-assert report.passed and len(report.results) == EXAMPLES
+# check_real: check_sptutor(method, world=4, dtypes=("float64", "float32"), enforce=("messages",
+# "saved"), pool=...), its report printed, passed and messages_exact asserted
+report = check_real("lss", POOL, examples=EXAMPLES, layouts=layout.LAYOUTS, causal=(False, True))
 multi_rank = report.on_several_ranks
 # on 2 to 4 ranks the verdict compared each rank's ledger with the oracle's, event by event:
 # two messages each, the all-gather of [K‖V] and the reduce-scatter of [dK‖dV]
