@@ -143,7 +143,8 @@ class _Session:
                 next(iter(self.results.values())) is self.failing[0] if shrinking else False
             )
             # the first case drawn is the smallest there is: nothing to shrink
-            out_of_budget = first_failed or spent >= SHRINK_RUNS or broken >= SHRINK_BROKEN
+            hung = any(r.status == "hang" for r in self.failing)  # each costs a whole timeout
+            out_of_budget = first_failed or hung or spent >= SHRINK_RUNS or broken >= SHRINK_BROKEN
             if case not in self.results and shrinking and out_of_budget:
                 return  # out of budget: hypothesis keeps the smallest failure found so far
             if not self.run(case, shrinking).passed:
