@@ -87,7 +87,9 @@ def main() -> None:
             path.write_text(planted(method, *patch))
             graded = grade(path, examples=20, pool=pool if pool.alive else None)
             print(f"{method}: {graded.category}", flush=True)
-            lines += [f"### {method}: {mistake}", "", "```text", str(graded), "```", ""]
+            table = str(graded).rsplit("\n", 1)[0]  # the last line is the sentence below
+            lines += [f"### {method}: {mistake}", "", f"**{graded.category}**: {graded.sentence}",
+                      "", "```text", table, "```", ""]  # fmt: skip
     text = "\n".join(lines)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
