@@ -134,7 +134,10 @@ def check_partition(owned: list[torch.Tensor], seq_len: int) -> None:
         raise ValueError(
             f"every rank must own S/W positions of S={seq_len}, got {lengths} for W={len(owned)}"
         )
-    counts = torch.bincount(torch.cat(owned).cpu(), minlength=seq_len)
+    every = torch.cat(owned).cpu()
+    if bool((every < 0).any()):
+        raise ValueError(f"positions must be >= 0, got {every.min().item()}")
+    counts = torch.bincount(every, minlength=seq_len)
     if len(counts) != seq_len or not bool((counts == 1).all()):
         missing = (counts[:seq_len] == 0).nonzero().flatten().tolist()
         raise ValueError(

@@ -140,7 +140,8 @@ def judge(
                 errors[name] = float("inf")
             else:
                 errors[name] = _error(mine, theirs)
-        messages, same = _messages(case, expected, local, result, backward)
+        difference = _first_difference(case, expected, local, result, backward)
+        messages, same = _messages(case, expected, local, result, backward, difference)
         saved = f"saved for backward: {result['saved']} bytes, the oracle {saved_bytes}"
         if not backward:
             saved = "saved for backward: not measured (forward only)"
@@ -150,7 +151,6 @@ def judge(
             problems.append(saved)
         information = [messages, saved]
         saved_match = result["saved"] == saved_bytes if backward else None
-        difference = _first_difference(case, expected, local, result, backward)
         verdicts.append(RankVerdict(case.members[local], errors, limits, problems, information,
                                     same, bool(result["messages"]), saved_match,
                                     difference))  # fmt: skip
@@ -181,22 +181,23 @@ def _first_difference(case, expected, local, result, backward) -> tuple | None:
     return None
 
 
-def _messages(case, expected, local, result, backward) -> tuple[str, bool]:
+def _messages(case, expected, local, result, backward, difference) -> tuple[str, bool]:
     """Messages in words, and whether they match: exact against the oracle's ledger when your
-    code logged through sptutor's ledger, else counts and bytes per phase of the
-    torch.distributed calls seen."""
+    code logged through sptutor's ledger (``difference``: the first that differs, from
+    :func:`_first_difference`), else counts and bytes per phase of the torch.distributed calls
+    seen."""
     rank = case.members[local]
     needed = expected.accounts.ledger.messages(local)
     phases = ("forward", "backward") if backward else ("forward",)
     if result["messages"]:
-        keys = [e.key() for e in needed if e.phase in phases]
-        mine = [k for k in result["messages"] if k[4] in phases]
-        if mine == keys:
-            return f"messages: as the oracle's, exactly ({len(keys)} logged)", True
-        first = next((i for i, (a, b) in enumerate(zip(mine, keys)) if a != b), None)
-        if first is None:
-            return f"messages: {len(mine)} logged, the oracle sends {len(keys)}", False
-        return f"messages: message {first} is {mine[first]}, the oracle's is {keys[first]}", False
+        wanted = sum(e.phase in phases for e in needed)
+        if difference is None:
+            return f"messages: as the oracle's, exactly ({wanted} logged)", True
+        index, yours, theirs = difference
+        if yours is None or theirs is None:
+            mine = sum(k[4] in phases for k in result["messages"])
+            return f"messages: {mine} logged, the oracle sends {wanted}", False
+        return f"messages: message {index} is {yours}, the oracle's is {theirs}", False
     seen = []
     for phase in phases:
         count, nbytes = result["traffic"].get(phase, (0, 0))

@@ -105,6 +105,7 @@ def _precision(case, name, mine, truth) -> str:
         case.torch_dtype)  # fmt: skip
     for lower in (torch.float32, torch.bfloat16, torch.float16):
         eps = torch.finfo(lower).eps
+        # rounding to ``lower`` costs at most eps/2 per value; sums of a few add a small factor
         if eps > torch.finfo(judged).eps and error <= 4 * eps:
             return (f"right only to {str(lower).removeprefix('torch.')}'s precision (error "
                     f"{error:.1e}, its eps {eps:.1e}): it computes in, or rounds through, "
@@ -178,6 +179,7 @@ def _permutation(case, expected, local, name, mine, limit) -> str:
     for row, head in cells[:64]:
         cell = mine[:, row, head, :].flatten()
         distance = (pool - cell).norm(dim=2) / cell.norm().clamp_min(1e-300)
+        # one cell's relative error can be ~10x the tensor's (a small cell's own rounding)
         where = (distance <= max(limit, 1e-12) * 10).nonzero().tolist()
         if not where:
             return ""

@@ -42,12 +42,10 @@ class CaseResult:
         if self.status == "pass":
             return "pass"
         if self.status in ("error", "hang"):
-            text = f"{self.status.upper()}: {error_summary(self.error)}"
-            return text if len(text) <= SUMMARY_WIDTH else text[: SUMMARY_WIDTH - 3] + "..."
+            return _clip(f"{self.status.upper()}: {error_summary(self.error)}")
         wrong = sorted({n for v in self.verdicts for n in v.wrong}, key=NAMES.index)
         problems = [p for v in self.verdicts for p in v.problems]
-        text = "FAIL: " + ", ".join(wrong or problems[:1])
-        return text if len(text) <= SUMMARY_WIDTH else text[: SUMMARY_WIDTH - 3] + "..."
+        return _clip("FAIL: " + ", ".join(wrong or problems[:1]))
 
 
 @dataclasses.dataclass
@@ -120,10 +118,13 @@ class Report:
             lines += [f"    {line}" for line in self.reproducer.splitlines()]
         return lines
 
-    def __str__(self) -> str:
+    def table(self) -> str:
+        """The table of cases as plain text."""
         numeric = [False, False, False, *(True for _ in NAMES)]
-        table = console.plain_table(self.rows(), self.COLUMNS, numeric)
-        return "\n".join([self.verdict(), table, *self.details()])
+        return console.plain_table(self.rows(), self.COLUMNS, numeric)
+
+    def __str__(self) -> str:
+        return "\n".join([self.verdict(), self.table(), *self.details()])
 
     def print(self) -> None:
         """Print the report: a rich table on a terminal, plain text elsewhere."""
@@ -131,6 +132,11 @@ class Report:
         console.table(self.rows(), self.COLUMNS)
         for line in self.details():
             print(line)
+
+
+def _clip(text: str) -> str:
+    """A verdict cell no wider than SUMMARY_WIDTH."""
+    return text if len(text) <= SUMMARY_WIDTH else text[: SUMMARY_WIDTH - 3] + "..."
 
 
 def _information(result: CaseResult) -> list[str]:

@@ -110,6 +110,7 @@ class _Session:
     enforce: tuple[str, ...]
     results: dict = dataclasses.field(default_factory=dict)
     failing: list = dataclasses.field(default_factory=list)
+    smallest_case: Case | None = None  # hypothesis's shrunk failure
 
     def run(self, case: Case, shrinking: bool = False) -> CaseResult:
         if case in self.results:
@@ -166,7 +167,7 @@ class _Session:
         results = list(self.results.values())
         smallest = None
         if self.failing:
-            case = getattr(self, "smallest_case", None)
+            case = self.smallest_case
             smallest = self.results[case] if case in self.results else min(
                 self.failing, key=lambda r: _size(r.case))  # fmt: skip
         script = reproducer(self.fn, self.method, smallest.case, options) if smallest else ""

@@ -44,8 +44,9 @@ def run_on_rank(
     """
     group = case_group(case.members)
     local = case.members.index(rank) if rank in case.members else None
-    extra = adapter.setup(Context(local, case.world, group, case.members, case)) if (
-        adapter.setup) else None  # fmt: skip
+    extra = None
+    if adapter.setup is not None:  # on every process: torch needs them all to make groups
+        extra = adapter.setup(Context(local, case.world, group, case.members, case))
     if local is None:
         return None
     owned = adapter.owned(case)

@@ -63,7 +63,7 @@ class Grade:
 
     def __str__(self) -> str:
         verdict = "every case passes" if self.passed else f"{self.category}: {self.sentence}"
-        return f"{self.report.verdict()}\n{_table(self.report)}\n{self.path.name}: {verdict}"
+        return f"{self.report.verdict()}\n{self.report.table()}\n{self.path.name}: {verdict}"
 
 
 def kind_of(path: Path) -> tuple[str, str]:
@@ -173,9 +173,8 @@ def _explained(grade: Grade) -> Grade:
     smallest = grade.report.smallest
     if smallest is None:
         return grade
-    where = f" (case {smallest.case.describe()})" if hasattr(smallest.case, "describe") else ""
     grade.category, grade.sentence = explain(smallest)
-    grade.sentence += where
+    grade.sentence += f" (case {smallest.case.describe()})"
     return grade
 
 
@@ -190,7 +189,7 @@ def explain(result: CaseResult) -> tuple[str, str]:
         return "an error", error_summary(result.error)
     differences = [(v.rank, v.difference) for v in result.verdicts if v.difference]
     wrong = any(v.wrong for v in result.verdicts)
-    if differences and (not wrong or differences[0][1][1] is not None):
+    if differences:  # a message that differs explains wrong numbers only by a wrong peer
         category, sentence = _message_sentence(*differences[0])
         if not wrong or category == "wrong peer":
             return category, sentence
@@ -232,12 +231,6 @@ def _message_sentence(rank: int, difference: tuple) -> tuple[str, str]:
         "messages in the wrong order or of the wrong size",
         f"rank {rank}'s message {index} is {said(yours)}; the oracle's is {said(theirs)}",
     )
-
-
-def _table(report: Report) -> str:
-    """The report's table and nothing else (the grader says the rest in one sentence)."""
-    return str(report).split("\n", 1)[1].split("\nsmallest failing case")[0].split(
-        "\ninformation:")[0]  # fmt: skip
 
 
 def add_parser(commands):
