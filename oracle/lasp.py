@@ -205,7 +205,7 @@ def _record_grads(records, dq, dk, dv):
 
 
 def emulate(
-    world: World, q, k, v, dout, *, positions, causal: bool, decay: torch.Tensor | None
+    world: World, q, k, v, dout, *, positions, documents, causal: bool, decay: torch.Tensor | None
 ) -> list[RankRecord]:
     """Run LASP on the emulated ``world``; returns one ``RankRecord`` per rank.
 

@@ -79,7 +79,7 @@ def _all_gather_and_sum(world, state, phase):
 
 
 def emulate(
-    world: World, q, k, v, dout, *, positions, causal: bool, decay: torch.Tensor | None
+    world: World, q, k, v, dout, *, positions, documents, causal: bool, decay: torch.Tensor | None
 ) -> list[RankRecord]:
     """Run LASP-2 on the emulated ``world``; arguments and records as in
     :func:`sptutor.oracle.lasp.emulate`.

@@ -109,7 +109,7 @@ def _macs(q, q_pos, k_pos, causal, backward=False):
 
 
 def emulate(
-    world: World, q, k, v, dout, *, positions, causal: bool, scale: float
+    world: World, q, k, v, dout, *, positions, documents, causal: bool, scale: float
 ) -> list[RankRecord]:
     """Run LSS (our reading) on the emulated ``world``; returns one ``RankRecord`` per rank.
 

@@ -20,17 +20,17 @@ from sptutor import blocks, work
 from sptutor.oracle.world import RankRecord, World, nbytes
 
 
-def _forward(world, q, k, v, positions, causal, scale):
-    """q: W x (B, S/W, Hq, D); k, v: W x (B, S/W, Hkv, D); positions: W x (S/W,).
+def _forward(world, q, k, v, positions, documents, causal, scale):
+    """q: W x (B, S_r, Hq, D); k, v: W x (B, S_r, Hkv, D); positions: W x (S_r,) (shards may
+    differ by a token); documents: W x (S_r,) document ids, or W x None.
 
-    Returns out: W x (B, S/W, Hq, D) in q's dtype and lse: W x (B, Hq, S/W) in the accumulation
+    Returns out: W x (B, S_r, Hq, D) in q's dtype and lse: W x (B, Hq, S_r) in the accumulation
     dtype.
     """
     W = world.size
     acc = blocks.accumulation_dtype(q[0].dtype)
-    batch, seq_local, heads_q, _ = q[0].shape
     out = [torch.zeros(x.shape, dtype=acc) for x in q]
-    lse = [torch.full((batch, heads_q, seq_local), float("-inf"), dtype=acc) for _ in q]
+    lse = [torch.full((x.shape[0], x.shape[2], x.shape[1]), float("-inf"), dtype=acc) for x in q]
     # BEGIN SOLUTION ring forward: pass K, V on, attend to the block held, merge it by its LSE
     kv_from_prev_rank = [[k[rank], v[rank]] for rank in range(W)]  # step 0: each rank's own
     for step in range(W):
@@ -39,13 +39,13 @@ def _forward(world, q, k, v, positions, causal, scale):
         for rank in range(W):
             src = (rank - step) % W  # whose block this rank holds now
             k_block, v_block = kv_from_prev_rank[rank]
-            if blocks.any_visible(positions[rank], positions[src], causal):
+            mine, theirs = (positions[rank], documents[rank]), (positions[src], documents[src])
+            if blocks.any_visible(mine[0], theirs[0], causal, mine[1], theirs[1]):
                 block_out, block_lse = blocks.attention_block(
-                    q[rank], k_block, v_block, positions[rank], positions[src], causal, scale
+                    q[rank], k_block, v_block, mine[0], theirs[0], causal, scale, mine[1], theirs[1]
                 )
-                world.compute(rank, _macs(q[rank], positions[rank], positions[src], causal),
-                              "forward", step, block=src,
-                              result={"out": block_out, "lse": block_lse})  # fmt: skip
+                world.compute(rank, _macs(q[rank], mine, theirs, causal), "forward", step,
+                              block=src, result={"out": block_out, "lse": block_lse})  # fmt: skip
                 # merge partial outputs by their LSE (online softmax)
                 out[rank], lse[rank] = blocks.merge(out[rank], lse[rank], block_out, block_lse)
         if step < W - 1:
@@ -54,10 +54,10 @@ def _forward(world, q, k, v, positions, causal, scale):
     return [o.to(q[0].dtype) for o in out], lse
 
 
-def _backward(world, dout, q, k, v, out, lse, positions, causal, scale):
-    """dout, out: W x (B, S/W, Hq, D); lse: W x (B, Hq, S/W); q, k, v as in ``_forward``.
+def _backward(world, dout, q, k, v, out, lse, positions, documents, causal, scale):
+    """dout, out: W x (B, S_r, Hq, D); lse: W x (B, Hq, S_r); the rest as in ``_forward``.
 
-    Returns dq: W x (B, S/W, Hq, D) and dk, dv: W x (B, S/W, Hkv, D), in q's dtype.
+    Returns dq: W x (B, S_r, Hq, D) and dk, dv: W x (B, S_r, Hkv, D), in q's dtype.
     """
     W = world.size
     acc = blocks.accumulation_dtype(q[0].dtype)
@@ -71,13 +71,14 @@ def _backward(world, dout, q, k, v, out, lse, positions, causal, scale):
         for rank in range(W):
             src = (rank - step) % W
             k_block, v_block = kv_from_prev_rank[rank]
-            if blocks.any_visible(positions[rank], positions[src], causal):
+            mine, theirs = (positions[rank], documents[rank]), (positions[src], documents[src])
+            if blocks.any_visible(mine[0], theirs[0], causal, mine[1], theirs[1]):
                 block_dq, block_dk, block_dv = blocks.attention_block_backward(
                     dout[rank], q[rank], k_block, v_block, out[rank], lse[rank],
-                    positions[rank], positions[src], causal, scale,
+                    mine[0], theirs[0], causal, scale, mine[1], theirs[1],
                 )  # fmt: skip
-                world.compute(rank, _macs(q[rank], positions[rank], positions[src], causal,
-                                          backward=True), "backward", step, block=src,
+                world.compute(rank, _macs(q[rank], mine, theirs, causal, backward=True),
+                              "backward", step, block=src,
                               result={"dq": block_dq, "dk": block_dk, "dv": block_dv})  # fmt: skip
                 dq[rank] += block_dq
                 dk_acc, dv_acc = dkv_from_prev_rank[rank]
@@ -93,28 +94,31 @@ def _backward(world, dout, q, k, v, out, lse, positions, causal, scale):
     return [x.to(dtype) for x in dq], [x.to(dtype) for x in dk], [x.to(dtype) for x in dv]
 
 
-def _macs(q, q_pos, k_pos, causal, backward=False):
-    """Useful multiply-adds of this rank's queries against one block."""
+def _macs(q, mine, theirs, causal, backward=False):
+    """Useful multiply-adds of this rank's queries against one block; ``mine``, ``theirs``:
+    (positions, document ids or None) of the queries and of the block."""
     batch, _, heads_q, head_dim = q.shape
-    return work.attention_macs(q_pos, k_pos, causal, batch, heads_q, head_dim, backward=backward)
+    return work.attention_macs(mine[0], theirs[0], causal, batch, heads_q, head_dim,
+                               backward=backward, q_doc=mine[1], k_doc=theirs[1])  # fmt: skip
 
 
 def emulate(
-    world: World, q, k, v, dout, *, positions, causal: bool, scale: float
+    world: World, q, k, v, dout, *, positions, documents, causal: bool, scale: float
 ) -> list[RankRecord]:
     """Run ring attention on the emulated ``world``; returns one ``RankRecord`` per rank.
 
-    q: W x (B, S/W, Hq, D); k, v: W x (B, S/W, Hkv, D); dout: like q, or None (forward only);
-    positions: W x (S/W,) the global positions each rank owns. Each rank keeps q, k, v, out and
-    lse for backward (``saved_bytes``).
+    q: W x (B, S_r, Hq, D); k, v: W x (B, S_r, Hkv, D); dout: like q, or None (forward only);
+    positions: W x (S_r,) the global positions each rank owns (shards may differ in length);
+    documents: W x (S_r,) their document ids, or W x None (one document). Each rank keeps q, k,
+    v, out and lse for backward (``saved_bytes``).
     """
-    out, lse = _forward(world, q, k, v, positions, causal, scale)
+    out, lse = _forward(world, q, k, v, positions, documents, causal, scale)
     records = [
         RankRecord(out=o, lse=l, saved_bytes=sum(map(nbytes, (qr, kr, vr, o, l))))
         for qr, kr, vr, o, l in zip(q, k, v, out, lse)
     ]
     if dout is not None:
-        grads = _backward(world, dout, q, k, v, out, lse, positions, causal, scale)
+        grads = _backward(world, dout, q, k, v, out, lse, positions, documents, causal, scale)
         for record, dq, dk, dv in zip(records, *grads):
             record.dq, record.dk, record.dv = dq, dk, dv
     return records

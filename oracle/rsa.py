@@ -179,7 +179,7 @@ def _macs(x, q_pos, k_pos, causal):
 
 
 def emulate(
-    world: World, q, k, v, dout, *, positions, causal: bool, scale: float
+    world: World, q, k, v, dout, *, positions, documents, causal: bool, scale: float
 ) -> list[RankRecord]:
     """Run RSA on the emulated ``world``; returns one ``RankRecord`` per rank.
 

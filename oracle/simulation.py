@@ -7,7 +7,15 @@ import importlib
 import torch
 
 from sptutor.checks import check_decay, check_linear_layout, check_qkv
-from sptutor.layout import all_positions, check_layout, check_partition, shard_by, unshard_by
+from sptutor.layout import (
+    all_positions,
+    check_cu_seqlens,
+    check_layout,
+    check_partition,
+    document_ids,
+    shard_by,
+    unshard_by,
+)
 from sptutor.methods import LINEAR_METHODS, METHODS, SOFTMAX_METHODS
 from sptutor.oracle.world import Simulation, World
 
@@ -24,7 +32,7 @@ def _emulator(method: str):
 
 
 def _check_options(
-    method, q, k, v, dout, world, causal, layout, ulysses, decay, scale, positions
+    method, q, k, v, dout, world, causal, layout, ulysses, decay, scale, positions, cu_seqlens
 ) -> int:
     """Validate everything before emulating (see Design, *Errors*); returns the Ulysses degree U."""
     if method not in METHODS:
@@ -44,6 +52,8 @@ def _check_options(
     elif decay is not None:
         raise ValueError(f"decay is for linear attention (lasp, lasp2), not {method}")
     ulysses = ulysses or 1
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, q.shape[1])
     if positions is None:
         check_layout(q.shape[1], world=world, layout=layout, ulysses=ulysses)
         return ulysses
@@ -73,6 +83,7 @@ def simulate(
     positions: list[torch.Tensor] | None = None,
     record_steps: bool = False,
     emulate=None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> Simulation:
     """Emulate ``method`` on ``world`` ranks, full (B, S, H, D) inputs, sequence before heads.
 
@@ -81,7 +92,10 @@ def simulate(
     q: (B, S, Hq, D); k, v: (B, S, Hkv, D) full, unsharded inputs; dout: (B, S, Hq, D) or None
     (forward only). They are sharded with ``layout`` (composed with ``ulysses=U`` for usp), or
     by ``positions`` when given: ``positions[r]`` (S/W,) the global positions rank r holds, in
-    order (every position once; softmax methods only; ``layout`` is then ignored).
+    order (every position once; softmax methods only; ``layout`` is then ignored). Any S >= W
+    works (zigzag: S >= 2W): shards then differ by one token. ``cu_seqlens``: (N+1,) offsets
+    of packed documents over the S tokens (0 first, S last): a query sees only keys of its own
+    document, and linear attention's state starts afresh at each document.
     ``record_steps`` keeps what every step computed in ``Simulation.steps``; ``emulate`` runs
     another emulation of the method instead of the oracle's own, with its signature (the
     exercises' grader runs a learner's this way).
@@ -89,7 +103,7 @@ def simulate(
     dq, dk, dv full-size (None without dout), ``ranks[r]`` what rank r holds, and the ledger.
     """
     degree = _check_options(
-        method, q, k, v, dout, world, causal, layout, ulysses, decay, scale, positions
+        method, q, k, v, dout, world, causal, layout, ulysses, decay, scale, positions, cu_seqlens
     )
     seq_len, head_dim = q.shape[1], q.shape[3]
     if positions is None:
@@ -100,7 +114,10 @@ def simulate(
     def cut(x: torch.Tensor | None) -> list[torch.Tensor] | None:
         return None if x is None else shard_by(x, positions)
 
-    options = {"positions": positions, "causal": causal}
+    documents = [None] * world  # one document: masks from positions alone
+    if cu_seqlens is not None:
+        documents = [document_ids(cu_seqlens, p) for p in positions]
+    options = {"positions": positions, "documents": documents, "causal": causal}
     if method in SOFTMAX_METHODS:
         options["scale"] = head_dim**-0.5 if scale is None else scale
     if method == "usp":
@@ -118,7 +135,7 @@ def simulate(
     return Simulation(
         out=glue("out"), lse=glue("lse", dim=2), dq=glue("dq"), dk=glue("dk"), dv=glue("dv"),
         ranks=records, ledger=emulated.ledger, method=method, world=world, layout=layout,
-        causal=causal, ulysses=degree, positions=positions, decay=decay,
+        causal=causal, ulysses=degree, positions=positions, decay=decay, cu_seqlens=cu_seqlens,
         shape=(q.shape[0], seq_len, q.shape[2], k.shape[2], head_dim),
         steps=emulated.steps or [],
     )  # fmt: skip

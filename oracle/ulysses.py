@@ -158,7 +158,7 @@ def _macs(q_heads, sequence, causal, backward=False):
 
 
 def emulate(
-    world: World, q, k, v, dout, *, positions, causal: bool, scale: float
+    world: World, q, k, v, dout, *, positions, documents, causal: bool, scale: float
 ) -> list[RankRecord]:
     """Run DeepSpeed-Ulysses on the emulated ``world`` (U = W); returns one ``RankRecord`` per rank.
 

@@ -130,7 +130,7 @@ def _backward(world, dout, saved, positions, causal, scale, heads_kv, mesh):
 
 
 def emulate(
-    world: World, q, k, v, dout, *, positions, causal: bool, scale: float, ulysses: int
+    world: World, q, k, v, dout, *, positions, documents, causal: bool, scale: float, ulysses: int
 ) -> list[RankRecord]:
     """Run USP with Ulysses degree ``ulysses`` = U (ring degree R = W/U) on the emulated ``world``.
 

@@ -198,7 +198,8 @@ class Simulation:
     ``positions[r]``: (S/W,) the global positions rank r owns (``layout`` is "custom" when they
     were passed in); ``shape``: (B, S, Hq, Hkv, D) of the full inputs; ``ulysses``: U (1 unless
     usp); ``decay`` as passed (linear methods); ``steps``: what each step computed, in order, when
-    asked for (``record_steps=True``; ring and lss record every block).
+    asked for (``record_steps=True``; ring and lss record every block); ``cu_seqlens``: the
+    packed documents' (N+1,) offsets, or None (one document).
     """
 
     out: torch.Tensor
@@ -217,3 +218,4 @@ class Simulation:
     shape: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
     decay: torch.Tensor | None = None
     steps: list[StepRecord] = field(default_factory=list)
+    cu_seqlens: torch.Tensor | None = None

@@ -93,16 +93,19 @@ def _disagreement(calls: list[tuple], tokens_by_layout: Callable[[int], list[int
         values = [f.get(name) for f in fields]
         if len(set(map(repr, values))) > 1:
             per_rank = ", ".join(f"rank {r}: {value!r}" for r, value in enumerate(values))
-            return f"ranks disagree on {name} in {fields[0]['method']} ({per_rank})"
+            hint = ("; when W does not divide S, pass the same seq_len=S (or cu_seqlens) on "
+                    "every rank") if name == "S" else ""  # fmt: skip
+            return f"ranks disagree on {name} in {fields[0]['method']} ({per_rank}){hint}"
     tokens = [f["tokens"] for f in fields]
+    seq_len = fields[0].get("S", sum(tokens))  # the S every rank agreed on, if it says one
     try:
-        expected = tokens_by_layout(sum(tokens))
+        expected = tokens_by_layout(seq_len)
     except ValueError as cannot_cut:
         expected = f"none ({cannot_cut})"
     if tokens != expected:
         return (
             f"ranks hold {tokens} tokens in {fields[0]['method']}, but the layout of "
-            f"S={sum(tokens)} over W={len(tokens)} ranks gives {expected}; shard every rank's "
+            f"S={seq_len} over W={len(tokens)} ranks gives {expected}; shard every rank's "
             "input with sptutor.layout.shard of the same global sequence"
         )
     return None

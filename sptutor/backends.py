@@ -16,6 +16,7 @@ import importlib.util
 import torch
 
 from sptutor import agreement, blocks, chunks, comm
+from sptutor import layout as layout_module
 from sptutor.layout import all_positions
 
 BACKENDS = ("auto", "torch", "triton")
@@ -69,25 +70,70 @@ def prepare(
     scale: float | None,
     ulysses: int = 1,
     return_lse: bool = False,
-) -> tuple[list[torch.Tensor], str, float]:
+    seq_len: int | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor | None], str, float]:
     """What a softmax method derives from its arguments before its first message.
 
-    q: (B, S/W, Hq, D), k: (B, S/W, Hkv, D) this rank's shards, already checked locally. Checks
+    q: (B, S_r, Hq, D), k: (B, S_r, Hkv, D) this rank's shards, already checked locally.
+    ``seq_len`` / ``cu_seqlens`` (N+1,) say the global S (see :func:`sequence_length`). Checks
     this process is in ``group`` and that every rank of it made the same call
     (``sptutor.agreement``, once per signature, not logged). Returns every rank's positions
-    (W x (S/W,), layout sizes checked), the concrete backend and the scale (default D ** -0.5).
+    (W x (S_r,), layout sizes checked), every rank's document ids (W x (S_r,); W x None without
+    ``cu_seqlens``), the concrete backend and the scale (default D ** -0.5).
     """
     agreement.check_membership(group, method)
-    _, world = comm.rank_and_size(group)
-    positions = all_positions(
-        q.shape[1] * world, world=world, layout=layout, ulysses=ulysses, device=q.device
-    )
+    rank, world = comm.rank_and_size(group)
+    total = sequence_length(q.shape[1], rank, world, layout, ulysses, seq_len, cu_seqlens)
+    positions = all_positions(total, world=world, layout=layout, ulysses=ulysses, device=q.device)
+    documents = [None] * world  # one document: masks from positions alone
+    if cu_seqlens is not None:
+        documents = [layout_module.document_ids(cu_seqlens, p) for p in positions]
     concrete = resolve(backend, q)
     call = agreement.signature(method, q, k, causal=causal, layout=layout, scale=scale,
-                               ulysses=ulysses, return_lse=return_lse)  # fmt: skip
+                               ulysses=ulysses, return_lse=return_lse, S=total,
+                               cu_seqlens=cu_seqlens)  # fmt: skip
     agreement.check_ranks_agree(group, call, tokens_by_layout(world, layout, ulysses))
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return positions, concrete, scale
+    return positions, documents, concrete, scale
+
+
+def sequence_length(
+    tokens: int,
+    rank: int,
+    world: int,
+    layout: str,
+    ulysses: int,
+    seq_len: int | None,
+    cu_seqlens: torch.Tensor | None,
+) -> int:
+    """The global S this rank's call describes, checked against its own shard of ``tokens``.
+
+    S is ``cu_seqlens[-1]`` with packed documents, else ``seq_len``, else ``W * tokens`` (equal
+    shards). A shard cannot tell S alone when W does not divide S (rank 1 of 4 holds 3 tokens
+    for S = 12, 13 or 14), so uneven shards need ``seq_len`` or ``cu_seqlens``; the ranks'
+    agreement check then catches a rank that assumed otherwise. ValueError with the numbers.
+    """
+    if cu_seqlens is not None:
+        layout_module.check_cu_seqlens(cu_seqlens, None)
+        total = int(cu_seqlens[-1])
+        if seq_len is not None and seq_len != total:
+            raise ValueError(f"seq_len={seq_len} but cu_seqlens ends at S={total}")
+    elif seq_len is not None:
+        if not isinstance(seq_len, int) or isinstance(seq_len, bool):
+            raise TypeError(f"seq_len must be an int, got {type(seq_len).__name__}")
+        total = seq_len
+    else:
+        total = tokens * world
+    expected = tokens_by_layout(world, layout, ulysses)(total)[rank]
+    if tokens != expected:
+        given = seq_len is not None or cu_seqlens is not None
+        hint = "" if given else "; when W does not divide S, pass seq_len=S (or cu_seqlens)"
+        raise ValueError(
+            f"rank {rank} holds {tokens} tokens, but the {layout} layout of S={total} over "
+            f"W={world} ranks gives it {expected}{hint}"
+        )
+    return total
 
 
 def tokens_by_layout(world: int, layout: str, ulysses: int = 1):
@@ -100,26 +146,31 @@ def tokens_by_layout(world: int, layout: str, ulysses: int = 1):
     return tokens
 
 
-def attention_forward(backend: str, q, k, v, q_pos, k_pos, causal: bool, scale: float):
+def attention_forward(
+    backend: str, q, k, v, q_pos, k_pos, causal: bool, scale: float, q_doc=None, k_doc=None
+):
     """One block forward: see ``blocks.attention_block`` for shapes (out, lse accumulate)."""
     if backend == "triton":
         return _kernels().flash_attention_forward(
-            q, k, v, q_pos=q_pos, k_pos=k_pos, causal=causal, scale=scale,
-            out_dtype=blocks.accumulation_dtype(q.dtype),
+            q, k, v, q_pos=q_pos, k_pos=k_pos, q_doc=q_doc, k_doc=k_doc, causal=causal,
+            scale=scale, out_dtype=blocks.accumulation_dtype(q.dtype),
         )  # fmt: skip
-    return blocks.attention_block(q, k, v, q_pos, k_pos, causal, scale)
+    return blocks.attention_block(q, k, v, q_pos, k_pos, causal, scale, q_doc, k_doc)
 
 
 def attention_backward(
-    backend: str, dout, q, k, v, out, lse, q_pos, k_pos, causal: bool, scale: float
-):
+    backend: str, dout, q, k, v, out, lse, q_pos, k_pos, causal: bool, scale: float,
+    q_doc=None, k_doc=None,
+):  # fmt: skip
     """One block backward: see ``blocks.attention_block_backward`` for shapes."""
     if backend == "triton":
         return _kernels().flash_attention_backward(
-            dout, q, k, v, out, lse, q_pos=q_pos, k_pos=k_pos, causal=causal, scale=scale,
-            grad_dtype=blocks.accumulation_dtype(q.dtype),
+            dout, q, k, v, out, lse, q_pos=q_pos, k_pos=k_pos, q_doc=q_doc, k_doc=k_doc,
+            causal=causal, scale=scale, grad_dtype=blocks.accumulation_dtype(q.dtype),
         )  # fmt: skip
-    return blocks.attention_block_backward(dout, q, k, v, out, lse, q_pos, k_pos, causal, scale)
+    return blocks.attention_block_backward(
+        dout, q, k, v, out, lse, q_pos, k_pos, causal, scale, q_doc, k_doc
+    )
 
 
 def linear_local_forward(backend: str, q, k, v, decay, needs_state: bool):

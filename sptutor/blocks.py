@@ -29,16 +29,43 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def visible_pairs(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool) -> torch.Tensor:
-    """Which (query, key) pairs attend: (S_q, S_k) bool, from global positions only."""
+def visible_pairs(
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    causal: bool,
+    q_doc: torch.Tensor | None = None,
+    k_doc: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Which (query, key) pairs attend: (S_q, S_k) bool, from (position, document) pairs only.
+
+    q_pos, q_doc: (S_q,); k_pos, k_doc: (S_k,). A query sees a key iff both lie in the same
+    document, that document is not padding (id >= 0), and, when causal, ``k_pos <= q_pos``.
+    Documents None mean one document holding every token.
+    """
     if causal:
-        return q_pos[:, None] >= k_pos[None, :]
-    return torch.ones(q_pos.shape[0], k_pos.shape[0], dtype=torch.bool, device=q_pos.device)
+        visible = q_pos[:, None] >= k_pos[None, :]
+    else:
+        visible = torch.ones(q_pos.shape[0], k_pos.shape[0], dtype=torch.bool, device=q_pos.device)
+    if q_doc is None and k_doc is None:
+        return visible
+    if q_doc is None or k_doc is None:
+        raise ValueError("give document ids for both queries and keys, or for neither")
+    same = (q_doc[:, None] == k_doc[None, :]) & (q_doc[:, None] >= 0)
+    return visible & same
 
 
-def any_visible(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool) -> bool:
-    """Does any query see any key? (a fully masked block need not be computed)"""
-    return not causal or bool(q_pos.max() >= k_pos.min())
+def any_visible(
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    causal: bool,
+    q_doc: torch.Tensor | None = None,
+    k_doc: torch.Tensor | None = None,
+) -> bool:
+    """Does any query see any key? (a fully masked block need not be computed; shapes as
+    :func:`visible_pairs`)"""
+    if q_doc is None and k_doc is None:
+        return not causal or bool(q_pos.max() >= k_pos.min())
+    return bool(visible_pairs(q_pos, k_pos, causal, q_doc, k_doc).any())
 
 
 def group_query_heads(x: torch.Tensor, heads_kv: int) -> torch.Tensor:
@@ -54,6 +81,8 @@ def _scores(
     k_pos: torch.Tensor,
     causal: bool,
     scale: float,
+    q_doc: torch.Tensor | None = None,
+    k_doc: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scaled scores of q: (B, S_q, Hq, D) against k: (B, S_k, Hkv, D), -inf where masked.
 
@@ -62,7 +91,7 @@ def _scores(
     acc = accumulation_dtype(q.dtype)
     q_grouped = group_query_heads(q, k.shape[2]).to(acc)  # (B, S_q, Hkv, G, D)
     scores = torch.einsum("bqhgd,bkhd->bhgqk", q_grouped, k.to(acc)) * scale
-    return scores.masked_fill(~visible_pairs(q_pos, k_pos, causal), float("-inf"))
+    return scores.masked_fill(~visible_pairs(q_pos, k_pos, causal, q_doc, k_doc), float("-inf"))
 
 
 def _probabilities(scores: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
@@ -84,16 +113,20 @@ def attention_block(
     k_pos: torch.Tensor,
     causal: bool,
     scale: float,
+    q_doc: torch.Tensor | None = None,
+    k_doc: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of some queries over one block of keys, in the accumulation dtype.
 
     q: (B, S_q, Hq, D); k, v: (B, S_k, Hkv, D), Hq % Hkv == 0 (GQA without repeating K/V).
     q_pos: (S_q,), k_pos: (S_k,) global positions; causal masks pairs with q_pos < k_pos.
+    q_doc: (S_q,), k_doc: (S_k,) document ids or None (one document): pairs in different
+    documents, and padding (id -1), are masked too (:func:`visible_pairs`).
     Returns out: (B, S_q, Hq, D) and lse: (B, Hq, S_q); a row that sees no key of the block has
     out 0 and lse -inf, so :func:`merge` ignores it.
     """
     batch, seq_q, heads_q, head_dim = q.shape
-    scores = _scores(q, k, q_pos, k_pos, causal, scale)  # (B, Hkv, G, S_q, S_k)
+    scores = _scores(q, k, q_pos, k_pos, causal, scale, q_doc, k_doc)  # (B, Hkv, G, S_q, S_k)
     lse = torch.logsumexp(scores, dim=-1).reshape(batch, heads_q, seq_q)  # (B, Hq, S_q)
     probs = _probabilities(scores, lse)
     out = torch.einsum("bhgqk,bkhd->bqhgd", probs, v.to(probs.dtype))  # (B, S_q, Hkv, G, D)
@@ -139,11 +172,14 @@ def attention_block_backward(
     k_pos: torch.Tensor,
     causal: bool,
     scale: float,
+    q_doc: torch.Tensor | None = None,
+    k_doc: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of one block, FlashAttention-2 form, in the accumulation dtype.
 
     dout, out: (B, S_q, Hq, D) gradient of and *final* output of the rows (over all keys);
-    lse: (B, Hq, S_q) their final LSE; q: (B, S_q, Hq, D); k, v: (B, S_k, Hkv, D).
+    lse: (B, Hq, S_q) their final LSE; q: (B, S_q, Hq, D); k, v: (B, S_k, Hkv, D); positions
+    and document ids as in :func:`attention_block`.
     With ``P = exp(S - lse)`` the block's share of the final softmax and
     ``delta = rowsum(dout * out)``: ``dV = P^T dout``, ``dS = P ⊙ (dout V^T - delta)``,
     ``dQ = scale·dS K``, ``dK = scale·dS^T Q``. Summing them over every block of keys gives the
@@ -152,7 +188,8 @@ def attention_block_backward(
     # BEGIN SOLUTION block backward: dV, dS, dQ, dK of one block, from the final out and LSE
     batch, seq_q, heads_q, head_dim = q.shape
     heads_kv = k.shape[2]
-    probs = _probabilities(_scores(q, k, q_pos, k_pos, causal, scale), lse)  # (B, Hkv, G, S_q, S_k)
+    scores = _scores(q, k, q_pos, k_pos, causal, scale, q_doc, k_doc)
+    probs = _probabilities(scores, lse)  # (B, Hkv, G, S_q, S_k)
     acc = probs.dtype
     dout_g = group_query_heads(dout, heads_kv).to(acc)  # (B, S_q, Hkv, G, D)
     delta = (dout_g * group_query_heads(out, heads_kv).to(acc)).sum(-1)  # (B, S_q, Hkv, G)

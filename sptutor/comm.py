@@ -96,13 +96,23 @@ class RingShift:
     """Tensors on their way to the next rank of a ring, while ours arrive from the previous one.
 
     Started by :func:`ring_shift` (non-blocking, so the caller computes while blocks travel);
-    :meth:`wait` returns the tensors received from the previous rank.
+    :meth:`wait` returns the tensors received from the previous rank. The previous rank's block
+    may hold a different number of tokens than ours (uneven shards): ``receive_tokens`` sizes
+    the receive buffers along dim 1 (default: our tensors' own shapes).
     """
 
-    def __init__(self, tensors: list[torch.Tensor], group, *, phase: str, step: int) -> None:
+    def __init__(
+        self,
+        tensors: list[torch.Tensor],
+        group,
+        *,
+        phase: str,
+        step: int,
+        receive_tokens: int | None = None,
+    ) -> None:
         rank, size = rank_and_size(group)
         self.phase, self.step = phase, step
-        self.received = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in tensors]
+        self.received = [_buffer_like(x, receive_tokens) for x in tensors]
         if size == 1:
             self.received, self.requests, self.waits = tensors, [], []
             return
@@ -128,9 +138,25 @@ class RingShift:
         return self.received
 
 
-def ring_shift(tensors: list[torch.Tensor], group, *, phase: str, step: int) -> RingShift:
-    """Send ``tensors`` to the next rank of ``group`` and receive the previous rank's (async)."""
-    return RingShift(tensors, group, phase=phase, step=step)
+def _buffer_like(x: torch.Tensor, tokens: int | None) -> torch.Tensor:
+    """An empty tensor like ``x`` (B, S, ...), with ``tokens`` along dim 1 when given."""
+    shape = list(x.shape)
+    if tokens is not None:
+        shape[1] = tokens
+    return torch.empty(shape, dtype=x.dtype, device=x.device)
+
+
+def ring_shift(
+    tensors: list[torch.Tensor],
+    group,
+    *,
+    phase: str,
+    step: int,
+    receive_tokens: int | None = None,
+) -> RingShift:
+    """Send ``tensors`` (each (B, S_r, ...)) to the next rank of ``group`` and receive the
+    previous rank's (async), each with ``receive_tokens`` tokens on dim 1 (default: as ours)."""
+    return RingShift(tensors, group, phase=phase, step=step, receive_tokens=receive_tokens)
 
 
 def send(x: torch.Tensor, dst: int, group, *, phase: str, step: int = 0) -> None:

@@ -117,7 +117,7 @@ def lss_attention(
     lse: (B, Hq, S/W) (detached, float32; float64 for float64 inputs).
     """
     check_qkv(q, k, v)
-    positions, backend, scale = backends.prepare(
+    positions, _documents, backend, scale = backends.prepare(
         "lss", q, k, group=group, causal=causal, layout=layout, backend=backend, scale=scale,
         return_lse=return_lse,
     )  # fmt: skip

@@ -18,10 +18,11 @@ from sptutor import backends, blocks, comm
 from sptutor.checks import check_qkv
 
 
-def _forward(q, k, v, positions, causal, scale, group, backend):
-    """q: (B, S/W, Hq, D); k, v: (B, S/W, Hkv, D); positions: W x (S/W,), every group rank's.
+def _forward(q, k, v, positions, documents, causal, scale, group, backend):
+    """q: (B, S_r, Hq, D); k, v: (B, S_r, Hkv, D); positions: W x (S_i,), every group rank's
+    (shards may differ by a token); documents: W x (S_i,) document ids, or W x None.
 
-    Returns out: (B, S/W, Hq, D) in q's dtype and lse: (B, Hq, S/W) in the accumulation dtype.
+    Returns out: (B, S_r, Hq, D) in q's dtype and lse: (B, Hq, S_r) in the accumulation dtype.
     """
     rank, W = comm.rank_and_size(group)
     acc = blocks.accumulation_dtype(q.dtype)
@@ -31,13 +32,15 @@ def _forward(q, k, v, positions, causal, scale, group, backend):
     # BEGIN SOLUTION ring forward: pass K, V on, attend to the block held, merge it by its LSE
     kv_from_prev_rank = [k, v]  # step 0: this rank's own
     for step in range(W):
-        if step < W - 1:  # start passing the block on; it travels while we compute
-            shift = comm.ring_shift(kv_from_prev_rank, group, phase="forward", step=step)
         src = (rank - step) % W  # whose block this rank holds now
+        if step < W - 1:  # start passing the block on; it travels while we compute
+            shift = comm.ring_shift(kv_from_prev_rank, group, phase="forward", step=step,
+                                    receive_tokens=len(positions[(src - 1) % W]))  # fmt: skip
         k_block, v_block = kv_from_prev_rank
-        if blocks.any_visible(positions[rank], positions[src], causal):
+        mine, theirs = (positions[rank], documents[rank]), (positions[src], documents[src])
+        if blocks.any_visible(mine[0], theirs[0], causal, mine[1], theirs[1]):
             block_out, block_lse = backends.attention_forward(
-                backend, q, k_block, v_block, positions[rank], positions[src], causal, scale
+                backend, q, k_block, v_block, mine[0], theirs[0], causal, scale, mine[1], theirs[1]
             )
             # merge partial outputs by their LSE (online softmax)
             out, lse = blocks.merge(out, lse, block_out, block_lse)
@@ -47,7 +50,7 @@ def _forward(q, k, v, positions, causal, scale, group, backend):
     return out.to(q.dtype), lse
 
 
-def _backward(dout, q, k, v, out, lse, positions, causal, scale, group, backend):
+def _backward(dout, q, k, v, out, lse, positions, documents, causal, scale, group, backend):
     """dout, out: (B, S/W, Hq, D); lse: (B, Hq, S/W); q, k, v as in ``_forward``.
 
     Returns dq: (B, S/W, Hq, D) and dk, dv: (B, S/W, Hkv, D), in q's dtype.
@@ -59,14 +62,17 @@ def _backward(dout, q, k, v, out, lse, positions, causal, scale, group, backend)
     kv_from_prev_rank = [k, v]
     dkv_from_prev_rank = [torch.zeros(k.shape, dtype=acc, device=k.device) for _ in range(2)]
     for step in range(W):
-        if step < W - 1:
-            shift = comm.ring_shift(kv_from_prev_rank, group, phase="backward", step=step)
         src = (rank - step) % W
+        incoming = len(positions[(src - 1) % W])  # tokens of the block the previous rank holds
+        if step < W - 1:
+            shift = comm.ring_shift(kv_from_prev_rank, group, phase="backward", step=step,
+                                    receive_tokens=incoming)  # fmt: skip
         k_block, v_block = kv_from_prev_rank
-        if blocks.any_visible(positions[rank], positions[src], causal):
+        mine, theirs = (positions[rank], documents[rank]), (positions[src], documents[src])
+        if blocks.any_visible(mine[0], theirs[0], causal, mine[1], theirs[1]):
             block_dq, block_dk, block_dv = backends.attention_backward(
                 backend, dout, q, k_block, v_block, out, lse,
-                positions[rank], positions[src], causal, scale,
+                mine[0], theirs[0], causal, scale, mine[1], theirs[1],
             )  # fmt: skip
             dq += block_dq
             dk_acc, dv_acc = dkv_from_prev_rank
@@ -74,7 +80,8 @@ def _backward(dout, q, k, v, out, lse, positions, causal, scale, group, backend)
         if step < W - 1:
             kv_from_prev_rank = shift.wait()
         # dK, dV accumulators travel with their block; after the last step this hop brings them home
-        dkv_shift = comm.ring_shift(dkv_from_prev_rank, group, phase="backward", step=step)
+        dkv_shift = comm.ring_shift(dkv_from_prev_rank, group, phase="backward", step=step,
+                                    receive_tokens=incoming)  # fmt: skip
         dkv_from_prev_rank = dkv_shift.wait()
     # END SOLUTION
     dk, dv = dkv_from_prev_rank
@@ -83,10 +90,10 @@ def _backward(dout, q, k, v, out, lse, positions, causal, scale, group, backend)
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, positions, causal, scale, group, backend):
-        out, lse = _forward(q, k, v, positions, causal, scale, group, backend)
+    def forward(ctx, q, k, v, positions, documents, causal, scale, group, backend):
+        out, lse = _forward(q, k, v, positions, documents, causal, scale, group, backend)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.options = (positions, causal, scale, group, backend)
+        ctx.options = (positions, documents, causal, scale, group, backend)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -94,7 +101,7 @@ class _RingAttention(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = _backward(dout.contiguous(), q, k, v, out, lse, *ctx.options)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 def ring_attention(
@@ -108,20 +115,25 @@ def ring_attention(
     backend: str = "auto",
     scale: float | None = None,
     return_lse: bool = False,
+    seq_len: int | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ):
-    """Ring attention on (B, S/W, H, D) shards, sequence before heads, over ``group``'s ranks.
+    """Ring attention on (B, S_r, H, D) shards, sequence before heads, over ``group``'s ranks.
 
     Call on every rank of ``group`` with its own shards.
 
-    q: (B, S/W, Hq, D) this rank's queries; k, v: (B, S/W, Hkv, D) its keys and values, as
-    ``sptutor.layout.shard(x, world=W, layout=layout)[rank]`` makes them.
-    Returns out: (B, S/W, Hq, D) this rank's output (differentiable), and with ``return_lse`` also
-    lse: (B, Hq, S/W) (detached, float32; float64 for float64 inputs).
+    q: (B, S_r, Hq, D) this rank's queries; k, v: (B, S_r, Hkv, D) its keys and values, as
+    ``sptutor.layout.shard(x, world=W, layout=layout)[rank]`` makes them (S_r = S/W, or one
+    token more or fewer when W does not divide S: then pass ``seq_len=S``).
+    ``cu_seqlens``: (N+1,) offsets of packed documents over the global sequence (the same
+    tensor on every rank): a query sees only keys of its own document.
+    Returns out: (B, S_r, Hq, D) this rank's output (differentiable), and with ``return_lse``
+    also lse: (B, Hq, S_r) (detached, float32; float64 for float64 inputs).
     """
     check_qkv(q, k, v)
-    positions, backend, scale = backends.prepare(
+    positions, documents, backend, scale = backends.prepare(
         "ring", q, k, group=group, causal=causal, layout=layout, backend=backend, scale=scale,
-        return_lse=return_lse,
+        return_lse=return_lse, seq_len=seq_len, cu_seqlens=cu_seqlens,
     )  # fmt: skip
-    out, lse = _RingAttention.apply(q, k, v, positions, causal, scale, group, backend)
+    out, lse = _RingAttention.apply(q, k, v, positions, documents, causal, scale, group, backend)
     return (out, lse) if return_lse else out

@@ -174,7 +174,7 @@ def rsa_attention(
     """
     check_qkv(q, k, v)
     # a bad backend name is an error, but the full score rows stay in torch (Design, *Public API*)
-    positions, _, scale = backends.prepare(
+    positions, _documents, _, scale = backends.prepare(
         "rsa", q, k, group=group, causal=causal, layout=layout, backend=backend, scale=scale,
         return_lse=return_lse,
     )  # fmt: skip

@@ -195,7 +195,7 @@ def ulysses_attention(
     """
     _, degree = comm.rank_and_size(group)
     _check_inputs(q, k, v, degree)
-    positions, backend, scale = backends.prepare(
+    positions, _documents, backend, scale = backends.prepare(
         "ulysses", q, k, group=group, causal=causal, layout=layout, backend=backend, scale=scale,
         return_lse=return_lse,
     )  # fmt: skip

@@ -123,7 +123,7 @@ def usp_attention(
     """
     _check_mesh(mesh)
     ulysses._check_inputs(q, k, v, mesh.ulysses)
-    positions, backend, scale = backends.prepare(
+    positions, _documents, backend, scale = backends.prepare(
         "usp", q, k, group=mesh.group, causal=causal, layout=layout, backend=backend,
         scale=scale, ulysses=mesh.ulysses, return_lse=return_lse,
     )  # fmt: skip

@@ -31,11 +31,16 @@ def attention_macs(
     head_dim: int,
     *,
     backward: bool = False,
+    q_doc: torch.Tensor | None = None,
+    k_doc: torch.Tensor | None = None,
 ) -> int:
     """Useful multiply-adds of one block: per visible (query, key) pair and head, 2·D forward
     (the score q·k, then p·v) and 5·D backward (the score again, dV, dP, dQ and dK).
+
+    q_pos, q_doc: (S_q,); k_pos, k_doc: (S_k,); pairs across documents (or with padding) are
+    masked, hence not useful work.
     """
-    pairs = int(visible_pairs(q_pos, k_pos, causal).sum())
+    pairs = int(visible_pairs(q_pos, k_pos, causal, q_doc, k_doc).sum())
     return (5 if backward else 2) * batch * heads_q * head_dim * pairs
 
 
