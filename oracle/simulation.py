@@ -136,6 +136,7 @@ def simulate(
         out=glue("out"), lse=glue("lse", dim=2), dq=glue("dq"), dk=glue("dk"), dv=glue("dv"),
         ranks=records, ledger=emulated.ledger, method=method, world=world, layout=layout,
         causal=causal, ulysses=degree, positions=positions, decay=decay, cu_seqlens=cu_seqlens,
+        documents=documents,
         shape=(q.shape[0], seq_len, q.shape[2], k.shape[2], head_dim),
         steps=emulated.steps or [],
     )  # fmt: skip

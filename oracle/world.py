@@ -199,7 +199,8 @@ class Simulation:
     were passed in); ``shape``: (B, S, Hq, Hkv, D) of the full inputs; ``ulysses``: U (1 unless
     usp); ``decay`` as passed (linear methods); ``steps``: what each step computed, in order, when
     asked for (``record_steps=True``; ring and lss record every block); ``cu_seqlens``: the
-    packed documents' (N+1,) offsets, or None (one document).
+    packed documents' (N+1,) offsets, or None (one document); ``documents[r]``: (S_r,) the
+    document id of each token rank r holds (None without cu_seqlens).
     """
 
     out: torch.Tensor
@@ -219,3 +220,4 @@ class Simulation:
     decay: torch.Tensor | None = None
     steps: list[StepRecord] = field(default_factory=list)
     cu_seqlens: torch.Tensor | None = None
+    documents: list[torch.Tensor | None] = field(default_factory=list)

@@ -229,15 +229,24 @@ def local_documents(
 
     ``cu_seqlens``: (N+1,) global offsets over S = ``cu_seqlens[-1]`` tokens. Returns the
     rank's document ids (S_r,), one per token it holds (in its storage order), and its local
-    ``cu_seqlens`` (M+1,): the offsets, in the rank's own shard, where its run of tokens of one
-    document starts (the document changes from one stored token to the next), then S_r. Local
-    offsets say which tokens share a document, not where they sit: masks still need positions.
+    ``cu_seqlens`` (M+1,) (see :func:`documents_of`).
     """
     seq_len = int(cu_seqlens[-1])
     check_cu_seqlens(cu_seqlens, seq_len)
     owned = positions(seq_len, world=world, rank=rank, layout=layout, ulysses=ulysses)
+    return documents_of(cu_seqlens, owned)
+
+
+def documents_of(
+    cu_seqlens: torch.Tensor, owned: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The document ids (S_r,) of the tokens at global positions ``owned`` (S_r,), in that order,
+    and their local ``cu_seqlens`` (M+1,): the offsets, in that order, where a run of tokens of
+    one document starts (the document changes from one stored token to the next), then S_r.
+    Local offsets say which tokens share a document, not where they sit: masks still need the
+    positions."""
     docs = document_ids(cu_seqlens, owned)
-    starts = torch.ones(len(owned), dtype=torch.bool)
+    starts = torch.ones(len(owned), dtype=torch.bool, device=docs.device)
     starts[1:] = docs[1:] != docs[:-1]
-    offsets = torch.cat([starts.nonzero().flatten(), torch.tensor([len(owned)])])
-    return docs, offsets
+    ends = torch.tensor([len(owned)], device=docs.device)
+    return docs, torch.cat([starts.nonzero().flatten(), ends])

@@ -157,6 +157,7 @@ def compare_with_oracle(case: Case, per_rank: dict[int, dict]) -> list[Compariso
     sim = oracle.simulate(
         case.method, q, k, v, dout, world=len(case.members), causal=case.causal,
         layout=case.layout, ulysses=case.ulysses, decay=case.decay_tensor(),
+        cu_seqlens=case.cu_seqlens_tensor(),
     )  # fmt: skip
     names = ("out", "dq", "dk", "dv") if case.is_linear else ("out", "lse", "dq", "dk", "dv")
     comparisons = []

@@ -56,6 +56,14 @@ class Adapter:
     - ``decay``: linear attention's per-head decay as your function takes it: "factor" (the (H,)
       factors in (0, 1]), "slope" (``-log(factor)``, so ``factor = exp(-slope)``) or a callable
       from the (H,) factor tensor; passed as ``decay_keyword``.
+    - ``seq_len_keyword``: the keyword that receives the global S (an int), for code that needs
+      it when W does not divide S; None: not passed.
+    - ``cu_seqlens_keyword``: the keyword that receives packed documents' offsets; None: your
+      function takes no documents (a sweep that packs documents then refuses to start).
+      ``cu_seqlens_scope``: "global" (the (N+1,) offsets over the whole sequence, the same on
+      every rank) or "local" (this rank's own offsets over its shard, from
+      ``sptutor.layout.documents_of``). An uneven case without documents passes one document
+      ``[0, S]`` there when there is no ``seq_len_keyword``.
     """
 
     tensor_layout: str = "bshd"
@@ -70,8 +78,14 @@ class Adapter:
     positions: Callable[[int, int, int], torch.Tensor] | None = None
     decay: str | Callable[[torch.Tensor], Any] = "factor"
     decay_keyword: str = "decay"
+    seq_len_keyword: str | None = None
+    cu_seqlens_keyword: str | None = None
+    cu_seqlens_scope: str = "global"
 
     def __post_init__(self) -> None:
+        if self.cu_seqlens_scope not in ("global", "local"):
+            raise ValueError(f"cu_seqlens_scope must be 'global' or 'local', "
+                             f"got {self.cu_seqlens_scope!r}")  # fmt: skip
         if self.tensor_layout not in TENSOR_LAYOUTS:
             raise ValueError(f"tensor_layout must be one of {TENSOR_LAYOUTS}, "
                              f"got {self.tensor_layout!r}")  # fmt: skip
@@ -127,9 +141,10 @@ class Adapter:
             return self.decay(decay)
         return -torch.log(decay) if self.decay == "slope" else decay
 
-    def keywords(self, case: Case, group, extra: dict | None) -> dict:
-        """The keywords of one call: causal, group, layout, decay, yours, setup's."""
-        found = dict(self.kwargs)
+    def keywords(self, case: Case, group, extra: dict | None, local: int | None = None) -> dict:
+        """The keywords of one call on group rank ``local``: causal, group, layout, decay, S,
+        documents, yours, setup's."""
+        found = dict(self.kwargs) | self._sizes(case, local)
         if self.causal_keyword is not None:
             found[self.causal_keyword] = case.causal
         if self.group_keyword is not None:
@@ -140,20 +155,34 @@ class Adapter:
             found[self.decay_keyword] = self.decay_argument(case.decay_tensor())
         return found | (extra or {})
 
+    def _sizes(self, case: Case, local: int | None) -> dict:
+        """The sequence length and documents of ``case``, as your keywords take them."""
+        found, offsets = {}, case.cu_seqlens_tensor()
+        if self.seq_len_keyword is not None:
+            found[self.seq_len_keyword] = case.seq_len
+        elif offsets is None and case.uneven and self.cu_seqlens_keyword is not None:
+            offsets = torch.tensor([0, case.seq_len])  # one document says S
+        if offsets is None or self.cu_seqlens_keyword is None:
+            return found
+        if self.cu_seqlens_scope == "local":
+            offsets = layout.documents_of(offsets, self.owned(case)[local])[1]
+        return found | {self.cu_seqlens_keyword: offsets}
+
 
 def for_sptutor(method: str, backend: str = "auto") -> Adapter:
     """The adapter of sptutor's own ``<method>_attention`` (returning its LSE too, where that
     sends nothing more)."""
     from sptutor.methods import LINEAR_METHODS
 
+    sizes = {"seq_len_keyword": "seq_len", "cu_seqlens_keyword": "cu_seqlens"}
     if method in LINEAR_METHODS:
-        return Adapter(kwargs={"backend": backend})
+        return Adapter(kwargs={"backend": backend}, **sizes)
     # Ulysses' LSE costs one more all-to-all, which the ledger of the default call lacks
     options = {"backend": backend, "return_lse": method not in ("ulysses", "usp")}
     if method == "usp":
         return Adapter(group_keyword=None, layout_keyword="layout", kwargs=options,
-                       setup=_usp_mesh)  # fmt: skip
-    return Adapter(layout_keyword="layout", kwargs=options)
+                       setup=_usp_mesh, **sizes)  # fmt: skip
+    return Adapter(layout_keyword="layout", kwargs=options, **sizes)
 
 
 _MESHES: dict = {}

@@ -121,6 +121,8 @@ def _convention_candidates(case, expected, local, name) -> Iterator[tuple[torch.
         yield _ring_mismatched(case, expected, local, -1, 1)[name], (
             "each block held is masked as the block of rank + step, not rank - step (the "
             "source of a step computed the wrong way round)")  # fmt: skip
+    if case.cu_seqlens is not None:  # the chain mistakes below assume one document
+        return
     linear_chain = case.method in ("lasp", "lasp2") and case.decay is not None
     if linear_chain and name == "out" and local > 1:
         yield _lasp_carried_without_decay(case, expected, local), (
@@ -137,29 +139,42 @@ def _convention_candidates(case, expected, local, name) -> Iterator[tuple[torch.
             )
 
 
+_IGNORED = (
+    "the documents are ignored: queries see keys of other documents packed into the "
+    "sequence (do the cu_seqlens reach your function, global or local as it expects?)"
+)
+
+
 @functools.lru_cache(maxsize=8)
 def _variants(case: Case, backward: bool) -> list[tuple[str, dict]]:
     """Full-sequence results (and gradients) of the usual convention mistakes."""
     q, k, v, dout = case.inputs(torch.float64)
     dout = dout if backward else None
-    if case.is_linear:
+    documents = {"cu_seqlens": case.cu_seqlens_tensor()}
+    if case.is_linear:  # (meaning, positional arguments, documents)
         decay, found = case.decay_tensor(torch.float64), []
         if decay is not None:
-            found.append(("the decay is not applied", (True, None)))
-            found.append(("the decay factor was taken for a slope", (True, torch.exp(-decay))))
+            found.append(("the decay is not applied", (True, None), documents))
+            found.append(("the decay factor was taken for a slope", (True, torch.exp(-decay)),
+                          documents))  # fmt: skip
         else:
             found.append(("the causal flag is flipped: does it reach your function?",
-                          (not case.causal, None)))  # fmt: skip
-        return [(meaning, _with_grads(oracle.full_linear_attention, (q, k, v), dout, *options))
-                for meaning, options in found]  # fmt: skip
+                          (not case.causal, None), documents))  # fmt: skip
+        if case.cu_seqlens is not None:
+            found.append((_IGNORED, (case.causal, decay), {}))
+        return [(meaning, _with_grads(oracle.full_linear_attention, (q, k, v), dout, *args,
+                                      **docs)) for meaning, args, docs in found]  # fmt: skip
     kind = "non-causal" if case.causal else "causal"
     found = [(f"it is the {kind} result: does the causal flag reach your function?",
-              dict(causal=not case.causal))]  # fmt: skip
-    if case.causal:
+              dict(causal=not case.causal, **documents))]  # fmt: skip
+    if case.cu_seqlens is not None:
+        found.append((_IGNORED, dict(causal=case.causal)))
+    elif case.causal:  # (a shifted key position would move keys across document boundaries)
         positions = torch.arange(case.seq_len)
         found.append(("the diagonal is masked: each query misses its own key (a strict < mask)",
                       dict(causal=True, q_pos=positions, k_pos=positions + 1)))  # fmt: skip
-    found.append(("the scores are not scaled by 1/sqrt(D)", dict(causal=case.causal, scale=1.0)))
+    found.append(("the scores are not scaled by 1/sqrt(D)",
+                  dict(causal=case.causal, scale=1.0, **documents)))  # fmt: skip
     return [(meaning, _with_grads(oracle.full_attention, (q, k, v), dout, **options))
             for meaning, options in found]  # fmt: skip
 
@@ -180,13 +195,16 @@ def _ring_mismatched(case, expected, local, data_sign, mask_sign) -> dict:
     but masked it as the block of rank + mask_sign·step (the ring's peers mixed up)."""
     world = case.world
     q, k, v = (layout.shard_by(x, expected.owned) for x in case.inputs(torch.float64)[:3])
-    positions = expected.owned
+    positions, docs = expected.owned, expected.sim.documents
     scale = case.head_dim**-0.5
     parts = []
     for step in range(world):
         data, masked_as = (local + data_sign * step) % world, (local + mask_sign * step) % world
+        if k[data].shape[1] != len(positions[masked_as]):
+            continue  # uneven shards: a block cannot be masked with another size's positions
         out, lse = blocks.attention_block(q[local], k[data], v[data], positions[local],
-                                          positions[masked_as], case.causal, scale)  # fmt: skip
+                                          positions[masked_as], case.causal, scale,
+                                          docs[local], docs[masked_as])  # fmt: skip
         parts.append({"out": out, "lse": lse})
     out, lse = _merge(parts)
     return {"out": out, "lse": lse}

@@ -43,7 +43,9 @@ class Case:
     ``layout`` is the token layout (contiguous, zigzag, striped; "custom" when a check's adapter
     says which positions each rank holds); ``ulysses`` is USP's Ulysses degree U; ``decay`` the
     per-head decay factors of linear methods; ``backend`` where sptutor's own methods compute
-    their blocks (see Design, *Public API*).
+    their blocks (see Design, *Public API*). ``seq_len`` is any S >= W (zigzag: S >= 2W;
+    shards then differ by one token); ``cu_seqlens`` the (N+1,) offsets of packed documents
+    over S (0 first, S last), or None (one document).
     """
 
     method: str
@@ -60,6 +62,11 @@ class Case:
     ulysses: int | None = None
     decay: tuple[float, ...] | None = None
     backend: str = "auto"
+    cu_seqlens: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.cu_seqlens is not None:
+            layout.check_cu_seqlens(torch.tensor(self.cu_seqlens), self.seq_len)
 
     @property
     def is_linear(self) -> bool:
@@ -87,20 +94,32 @@ class Case:
             return None
         return torch.tensor(self.decay, dtype=dtype or self.torch_dtype)
 
+    @property
+    def uneven(self) -> bool:
+        """Do the ranks hold different numbers of tokens (W does not divide S, or 2W zigzag)?"""
+        return self.seq_len % (2 * self.world if self.layout == "zigzag" else self.world) != 0
+
+    def cu_seqlens_tensor(self) -> torch.Tensor | None:
+        """cu_seqlens as a (N+1,) LongTensor, or None (one document)."""
+        return None if self.cu_seqlens is None else torch.tensor(self.cu_seqlens)
+
     def positions(self) -> list[torch.Tensor]:
-        """Every rank's global positions under the case's token layout: W x (S/W,)."""
+        """Every rank's global positions under the case's token layout: W x (S_r,)."""
         degree = self.ulysses or 1
         return layout.all_positions(self.seq_len, world=self.world, layout=self.layout,
                                     ulysses=degree)  # fmt: skip
 
     def options(self, group, mesh) -> dict:
         """Keyword arguments of sptutor's own method: its signature in Design, *Public API*."""
+        sizes = dict(seq_len=self.seq_len, cu_seqlens=self.cu_seqlens_tensor())
         if self.is_linear:
             return dict(causal=self.causal, decay=self.decay_tensor(), group=group,
-                        backend=self.backend)  # fmt: skip
+                        backend=self.backend, **sizes)  # fmt: skip
         if self.method == "usp":
-            return dict(causal=self.causal, layout=self.layout, mesh=mesh, backend=self.backend)
-        return dict(causal=self.causal, layout=self.layout, group=group, backend=self.backend)
+            return dict(causal=self.causal, layout=self.layout, mesh=mesh, backend=self.backend,
+                        **sizes)  # fmt: skip
+        return dict(causal=self.causal, layout=self.layout, group=group, backend=self.backend,
+                    **sizes)  # fmt: skip
 
     def shards(self, local: int) -> tuple[torch.Tensor, ...]:
         """This group rank's q, k, v, dout shards."""
@@ -117,6 +136,8 @@ class Case:
                   f"D={self.head_dim}", self.dtype]  # fmt: skip
         if self.decay is not None:
             parts.append("decay=" + ",".join(f"{d:g}" for d in self.decay))
+        if self.cu_seqlens is not None:
+            parts.append("cu_seqlens=" + ",".join(map(str, self.cu_seqlens)))
         return " ".join(parts)
 
 
@@ -125,7 +146,9 @@ class Sweep:
     """What a check may draw: each field lists the allowed values, smallest (the shrink target)
     first. ``worlds`` are the world sizes W; ``per_rank`` the tokens per rank S/W (zigzag
     doubles them: two chunks per rank); ``gqa`` the ratios Hq/Hkv; ``decays`` whether linear
-    cases draw a per-head decay (False: none; True: factors in [0.5, 1))."""
+    cases draw a per-head decay (False: none; True: factors in [0.5, 1)); ``uneven`` whether S
+    may be a few tokens more than W·S/W (so W does not divide it: shards differ by one);
+    ``documents`` whether cases pack documents (cu_seqlens with up to 4 boundaries anywhere)."""
 
     worlds: tuple[int, ...]
     layouts: tuple[str, ...] = ("contiguous",)
@@ -137,10 +160,12 @@ class Sweep:
     gqa: tuple[int, ...] = (1, 2)
     head_dims: tuple[int, ...] = (4, 5, 8, 16)
     decays: tuple[bool, ...] = (False, True)
+    uneven: tuple[bool, ...] = (False,)
+    documents: tuple[bool, ...] = (False,)
 
     def __post_init__(self) -> None:
         for name in ("worlds", "layouts", "causal", "dtypes", "batches", "per_rank", "heads_kv",
-                     "gqa", "head_dims", "decays"):  # fmt: skip
+                     "gqa", "head_dims", "decays", "uneven", "documents"):  # fmt: skip
             if not getattr(self, name):
                 raise ValueError(f"the sweep needs at least one value for {name}")
         unknown = [d for d in self.dtypes if d not in DTYPES]
@@ -172,12 +197,21 @@ class Sweep:
                 factors = st.integers(50, 99).map(lambda n: n / 100)  # 0.50 .. 0.99
                 decay = tuple(draw(st.lists(factors, min_size=heads_q, max_size=heads_q)))
             per_rank = unit * draw(st.sampled_from(self.per_rank))
+            seq_len = world * per_rank
+            if draw(st.sampled_from(self.uneven)):  # a few tokens more: W no longer divides S
+                seq_len += draw(st.integers(1, unit * world - 1)) if unit * world > 1 else 0
+            cu_seqlens = None
+            if draw(st.sampled_from(self.documents)):
+                cuts = (
+                    draw(st.lists(st.integers(1, seq_len - 1), max_size=4)) if seq_len > 1 else []
+                )
+                cu_seqlens = (0, *sorted(set(cuts)), seq_len)
             return Case(
                 method=method, members=tuple(range(world)), layout=lay, causal=causal,
-                batch=draw(st.sampled_from(self.batches)), seq_len=world * per_rank,
+                batch=draw(st.sampled_from(self.batches)), seq_len=seq_len,
                 heads_q=heads_q, heads_kv=heads_kv, head_dim=draw(st.sampled_from(self.head_dims)),
                 dtype=draw(st.sampled_from(self.dtypes)), seed=draw(st.integers(0, 3)),
-                ulysses=degree, decay=decay,
+                ulysses=degree, decay=decay, cu_seqlens=cu_seqlens,
             )  # fmt: skip
 
         return cases()

@@ -69,7 +69,7 @@ def expect(case: Case, owned: list[torch.Tensor], backward: bool) -> Expected:
         case.method, q, k, v, dout if backward else None, world=case.world, causal=case.causal,
         layout="contiguous" if custom else case.layout, ulysses=case.ulysses,
         decay=case.decay_tensor(torch.float64), positions=owned if custom else None,
-        record_steps=True,
+        record_steps=True, cu_seqlens=case.cu_seqlens_tensor(),
     )  # fmt: skip
     dtype = case.torch_dtype
     # bytes on the wire and kept for backward depend on the dtype: the oracle at the case's own
@@ -77,6 +77,7 @@ def expect(case: Case, owned: list[torch.Tensor], backward: bool) -> Expected:
         case.method, q.to(dtype), k.to(dtype), v.to(dtype), dout.to(dtype) if backward else None,
         world=case.world, causal=case.causal, layout="contiguous" if custom else case.layout,
         ulysses=case.ulysses, decay=case.decay_tensor(), positions=owned if custom else None,
+        cu_seqlens=case.cu_seqlens_tensor(),
     )  # fmt: skip
     if dtype in (torch.float64, torch.float32):
         flat = {name: tolerance(dtype) for name in NAMES}
@@ -92,9 +93,12 @@ def _baseline_limits(case, sim, owned, backward) -> list[dict[str, float]]:
     q, k, v, dout = case.inputs()
     q, k, v = (x.requires_grad_(backward) for x in (q, k, v))
     if case.is_linear:
-        out, lse = oracle.full_linear_attention(q, k, v, case.causal, case.decay_tensor()), None
+        out = oracle.full_linear_attention(q, k, v, case.causal, case.decay_tensor(),
+                                           cu_seqlens=case.cu_seqlens_tensor())  # fmt: skip
+        lse = None
     else:
-        out, lse = oracle.full_attention(q, k, v, causal=case.causal)
+        out, lse = oracle.full_attention(q, k, v, causal=case.causal,
+                                         cu_seqlens=case.cu_seqlens_tensor())  # fmt: skip
     full = {"out": out, "lse": lse}
     if backward:
         full |= dict(zip(GRADIENTS, torch.autograd.grad(out, (q, k, v), dout)))

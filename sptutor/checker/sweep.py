@@ -80,6 +80,9 @@ def check(
     sweep_options = {k: v for k, v in options.items() if k in SWEEP_FIELDS}
     if adapter.positions is not None:
         sweep_options["layouts"] = ("custom",)
+    if True in sweep_options.get("documents", ()) and adapter.cu_seqlens_keyword is None:
+        raise ValueError("the sweep packs documents (documents=(..., True)), but the adapter "
+                         "names no cu_seqlens_keyword to pass them to your function")  # fmt: skip
     bad = sorted(set(enforce) - {"messages", "saved"})
     if bad:
         raise ValueError(f"enforce takes 'messages' and 'saved', got {bad}")
@@ -255,8 +258,11 @@ class _InPlace:
 
 
 def check_sptutor(method: str, *, backend: str = "auto", **options) -> Report:
-    """``check`` on sptutor's own ``<method>_attention`` (its LSE included)."""
+    """``check`` on sptutor's own ``<method>_attention`` (its LSE included), with uneven shards
+    and packed documents in the sweep unless ``options`` say otherwise."""
     import sptutor
 
     adapter = dataclasses.asdict(for_sptutor(method, backend))
-    return check(getattr(sptutor, f"{method}_attention"), method=method, **(adapter | options))
+    sizes = {"uneven": (False, True), "documents": (False, True)}
+    return check(getattr(sptutor, f"{method}_attention"), method=method,
+                 **(adapter | sizes | options))  # fmt: skip

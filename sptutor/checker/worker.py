@@ -54,7 +54,7 @@ def run_on_rank(
     yours = [adapter.to_yours(x) for x in (q, k, v)]
     if adapter.backward:
         yours = [x.requires_grad_() for x in yours]
-    keywords = adapter.keywords(case, group, extra)
+    keywords = adapter.keywords(case, group, extra, local)
     keywords = {name: _to(value, device) for name, value in keywords.items()}
     saved, notes = [], []
 

@@ -73,6 +73,24 @@ def test_a_planted_mistake_is_named(pool, bug, sentence, tensor):
     compile(report.reproducer, "reproducer.py", "exec")  # valid Python
 
 
+def test_packed_documents_pass_and_ignoring_them_is_named(pool):
+    """With documents in the sweep, the ring that masks them passes; the one that takes
+    cu_seqlens and ignores them fails with the sentence that says so."""
+    options = dict(method="ring", examples=8, documents=(True,), cu_seqlens_keyword="cu_seqlens",
+                   pool=pool)  # fmt: skip
+    report = check(small_impls.ring, **options)
+    assert report.passed, str(report)
+    assert all(r.case.cu_seqlens is not None for r in report.results)
+    report = check(small_impls.ring, kwargs={"bug": "no-documents"}, **options)
+    assert not report.passed
+    assert "the documents are ignored" in str(report), str(report)
+
+
+def test_documents_without_a_keyword_to_pass_them_refuse_to_start(pool):
+    with pytest.raises(ValueError, match="names no cu_seqlens_keyword"):
+        check(small_impls.ring, method="ring", documents=(True,), pool=pool)
+
+
 def test_the_reproducer_names_what_it_cannot_import(pool):
     options = dict(kwargs={"bug": "diagonal", "helper": lambda x: x}, setup=lambda ctx: None)
     report = check(small_impls.ring, method="ring", cases=[_case(1)], pool=pool, **options)
