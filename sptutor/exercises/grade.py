@@ -90,7 +90,7 @@ def grade(
     pool=None,
 ) -> Grade:
     """Grade the exercise at ``path`` (cases: W = 1..world, layouts, causal or not, GQA, odd head
-    dims, float64); ``stall_timeout``: seconds without progress on any rank before the ranks
+    dims, uneven shards, packed documents, float64); ``stall_timeout``: seconds without progress on any rank before the ranks
     are ended and the report says where each one waits."""
     path = Path(path).resolve()
     kind, method = kind_of(path)
@@ -112,10 +112,12 @@ def grade(
 
 
 def _sweep(method: str) -> dict:
-    """What an exercise of ``method`` draws: every layout its method takes."""
+    """What an exercise of ``method`` draws: every layout its method takes, S that W does not
+    divide (shards of different lengths), and packed documents."""
+    sizes = dict(uneven=(False, True), documents=(False, True))
     if method in LINEAR_METHODS:
-        return dict(layouts=("contiguous",), causal=(True, False), decays=(True, False))
-    return dict(layouts=layout.LAYOUTS, causal=(False, True))
+        return dict(layouts=("contiguous",), causal=(True, False), decays=(True, False), **sizes)
+    return dict(layouts=layout.LAYOUTS, causal=(False, True), **sizes)
 
 
 def load(path: Path):
@@ -154,7 +156,7 @@ class _Emulated:
             sim = oracle.simulate(
                 case.method, q, k, v, dout, world=case.world, causal=case.causal,
                 layout=case.layout, ulysses=case.ulysses, decay=case.decay_tensor(),
-                emulate=self.emulate,
+                emulate=self.emulate, cu_seqlens=case.cu_seqlens_tensor(),
             )  # fmt: skip
         except Exception:
             return CaseResult(
