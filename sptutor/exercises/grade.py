@@ -90,8 +90,8 @@ def grade(
     pool=None,
 ) -> Grade:
     """Grade the exercise at ``path`` (cases: W = 1..world, layouts, causal or not, GQA, odd head
-    dims, uneven shards, packed documents, float64); ``stall_timeout``: seconds without progress on any rank before the ranks
-    are ended and the report says where each one waits."""
+    dims, uneven shards, packed documents, float64); ``stall_timeout``: seconds without
+    progress on any rank before the ranks are ended and the report says where each one waits."""
     path = Path(path).resolve()
     kind, method = kind_of(path)
     if kind == "blocks":
