@@ -26,10 +26,11 @@
 from fractions import Fraction
 
 import matplotlib.pyplot as plt
+import torch
 
 import sptutor
 import sptutor.ring
-from sptutor import cost, launch, layout, ledger, oracle, plots
+from sptutor import blocks, cost, launch, layout, ledger, oracle, plots
 from sptutor.notebook import check_real, show
 from sptutor.oracle import reference
 from sptutor.oracle import ring as oracle_ring
@@ -305,7 +306,8 @@ print("rank 0's first messages:", *results[0]["messages"][:4], sep="\n  ")
 # %% [markdown]
 # Are those the right shards and the right messages? `sptutor.testing.check_sptutor` answers for
 # many cases in one call. It draws a sweep with hypothesis (W = 1 to 4, on the first W processes of
-# the pool; the three layouts; causal or not; GQA; odd head dims; float64 and float32), runs
+# the pool; the three layouts; causal or not; GQA; odd head dims; float64 and float32; S that W
+# does not divide; packed documents), runs
 # sptutor's own `ring_attention` forward and backward on every rank of each case, and compares out,
 # the LSE, dq, dk and dv with `oracle.simulate` at the tolerance of the case's dtype. That numerical
 # verdict is all that [chapter 8, *Checking your own code*](08_checking_your_code.py) asks of your
@@ -322,8 +324,70 @@ report = check_real("ring", POOL, examples=EXAMPLES, layouts=layout.LAYOUTS, cau
 POOL.close()
 multi_rank = report.on_several_ranks
 assert {r.case.layout for r in multi_rank} == set(layout.LAYOUTS)
+uneven_cases = [r.case.describe() for r in multi_rank if r.case.uneven]
+packed_cases = [r.case.describe() for r in multi_rank if r.case.cu_seqlens is not None]
+assert uneven_cases and packed_cases
 print(f"{len(multi_rank)} of the {EXAMPLES} cases ran on 2 to 4 ranks, in all three layouts: "
       "every rank's messages and saved bytes equal the oracle's")  # fmt: skip
+print("among them, uneven shards:", *uneven_cases, "packed documents:", *packed_cases, sep="\n  ")
+
+# %% [markdown]
+# ## Any sequence length, and packed documents
+#
+# Nothing above needs W to divide S. With S = 30 over W = 4 ranks, zigzag cuts 2W = 8 chunks
+# whose first S mod 8 = 6 hold one token more (4 tokens, the last two 3); ranks 0 and 1 own
+# chunks 7 and 6, so the ranks hold 7, 7, 8 and 8 tokens. Each
+# block travels at its own size: a rank knows every rank's positions, so it sizes the buffer it
+# receives into from the **sender's** block (`comm.ring_shift(..., receive_tokens=...)` in the
+# real code). A rank's bytes are then the sum of the blocks it forwards: at steps 0..W−2 rank r
+# sends the block of rank (r − step) mod W, every block but that of rank r + 1.
+#
+# Training runs also pack several documents into one sequence. `cu_seqlens`, the cumulative
+# document lengths over the global sequence, says where they lie; a query sees a key only in its
+# own document. The masks still come from global positions, now paired with document ids
+# (`layout.document_ids`), so the same block primitive serves every layout. A block whose keys lie
+# in other documents entirely has no visible pair and is skipped: no compute event in the
+# ledger, but its messages still travel (the schedule is fixed, so the bytes do not depend on
+# where documents start).
+
+# %%
+q30, k30, v30, dout30 = random_inputs(1, 30, 4, 2, 8, seed=4)
+uneven = oracle.simulate("ring", q30, k30, v30, dout30, world=4, causal=True, layout="zigzag")
+tokens = [len(p) for p in uneven.positions]
+assert tokens == [7, 7, 8, 8]
+assert relative_error(uneven.out, reference.full_attention(q30, k30, v30, causal=True)[0]) < 1e-12
+kv_bytes = [n * 2 * 8 * 8 for n in tokens]  # a K (or V) block: B=1 x n x Hkv=2 x D=8 float64
+for rank in range(4):
+    forwarded = sum(kv_bytes[(rank - step) % 4] for step in range(3))  # every block but r+1's
+    assert uneven.ledger.bytes_sent(rank, "forward") == 2 * forwarded  # K and V
+print("tokens per rank:", tokens, "| forward bytes per rank:",
+      [uneven.ledger.bytes_sent(r, "forward") for r in range(4)])  # fmt: skip
+
+cu_seqlens = torch.tensor([0, 5, 17, 32])  # three documents: 5, 12 and 15 tokens
+q32, k32, v32, dout32 = random_inputs(1, 32, 4, 2, 8, seed=5)
+packed = oracle.simulate("ring", q32, k32, v32, dout32, world=4, causal=True, layout="zigzag",
+                         cu_seqlens=cu_seqlens)  # fmt: skip
+truth, _ = reference.full_attention(q32, k32, v32, causal=True, cu_seqlens=cu_seqlens)
+assert relative_error(packed.out, truth) < 1e-12
+one_document = oracle.simulate("ring", q32, k32, v32, dout32, world=4, causal=True,
+                               layout="zigzag")  # fmt: skip
+
+
+def computed(sim):
+    """The (rank, block) pairs a simulation computed in forward."""
+    return {(e.rank, e.block) for e in sim.ledger.events
+            if e.op == "compute" and e.phase == "forward"}  # fmt: skip
+
+
+skipped = computed(one_document) - computed(packed)
+docs = [layout.document_ids(cu_seqlens, p) for p in packed.positions]
+for rank, block in skipped:  # none of these blocks has a visible pair
+    assert not blocks.any_visible(packed.positions[rank], packed.positions[block], True,
+                                  docs[rank], docs[block])  # fmt: skip
+assert packed.ledger.bytes_sent() == one_document.ledger.bytes_sent()  # the same messages
+print(f"documents per rank: {[sorted(set(d.tolist())) for d in docs]}")
+print(f"skipped (rank, block) pairs: {sorted(skipped)}; bytes sent unchanged: "
+      f"{packed.ledger.bytes_sent():,}")  # fmt: skip
 
 # %% [markdown]
 # ## What the paper claims, what we measured

@@ -46,6 +46,8 @@ TRAIN_HELP = {
     "layers": "transformer blocks",
     "lr": "AdamW learning rate",
     "seed": "seed of the weights and of the batches",
+    "pack_documents": "pack N documents into each sequence, cut anew each step from the seed "
+    "(attention stays inside a document; a document's last token predicts nothing); 0: no packing",
 }
 CHOICES = {"method": train.METHODS, "layout": layout.LAYOUTS, "dtype": ("float32", "float64")}
 TRACE_HELP = {
@@ -65,6 +67,7 @@ BENCHMARKS = {
     "comm": "bytes sent per rank: ledger = sptutor.cost, next to the papers' formulas",
     "memory": "bytes kept for backward per rank: oracle = sptutor.cost, next to full/W",
     "balance": "useful work per rank under a causal mask, per layout",
+    "packed": "7 packed documents, S=1000, W=4: useful work and bytes per rank vs closed form",
     "time": "wall time on 1, 2, 4 gloo processes / one process, forward + backward",
 }
 
@@ -186,8 +189,9 @@ def _add_bench_parser(commands) -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="fewer, shorter cases")
     bench.add_argument(
         "--out", nargs="?", const=DEFAULT_OUT, type=Path, metavar="DIR",
-        help="comm, memory, balance, time: also write <what>.json (the figures) and <what>.png "
-        f"(a plot) into DIR, created if needed; --out alone: ./{DEFAULT_OUT} (default: print only)",
+        help="comm, memory, balance, packed, time: also write <what>.json (the figures) and "
+        f"<what>.png (a plot) into DIR, created if needed; --out alone: ./{DEFAULT_OUT} "
+        "(default: print only)",
     )  # fmt: skip
     return bench
 
@@ -198,8 +202,8 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     if args.what in ("kernels", "lasp"):
         if args.out is not None:
-            parser.exit(2, f"{parser.prog}: error: --out is for comm, memory, balance and time, "
-                        f"not {args.what}\n")  # fmt: skip
+            parser.exit(2, f"{parser.prog}: error: --out is for comm, memory, balance, packed "
+                        f"and time, not {args.what}\n")  # fmt: skip
         if args.what == "lasp":
             return bench.run_lasp(quick=args.quick)
         return bench.run_kernels(dtype=args.dtype, quick=args.quick)
