@@ -1,6 +1,8 @@
 """The oracle's per-step records and its custom positions (what the checker's diagnosis and
 libraries that shard their own way need)."""
 
+from itertools import pairwise
+
 import pytest
 import torch
 from hypothesis import given
@@ -18,6 +20,46 @@ def custom_partitions(draw, max_world: int = 4):
     order = draw(st.permutations(range(seq_len)))
     per = seq_len // world
     return world, seq_len, [torch.tensor(order[r * per : (r + 1) * per]) for r in range(world)]
+
+
+@st.composite
+def uneven_partitions(draw, max_world: int = 4):
+    """(W, S, positions, cu_seqlens): a random permutation of 0..S-1 cut into at most W shards
+    of any lengths >= 1, and packed documents with boundaries anywhere."""
+    world = draw(st.integers(1, max_world))
+    seq_len = draw(st.integers(world, 3 * world + 2))
+    order = draw(st.permutations(range(seq_len)))
+    cuts = (
+        sorted(draw(st.sets(st.integers(1, seq_len - 1), max_size=world - 1))) if world > 1 else []
+    )
+    bounds = [0, *cuts, seq_len]
+    owned = [torch.tensor(order[a:b]) for a, b in pairwise(bounds)]
+    documents = (
+        sorted(draw(st.sets(st.integers(1, seq_len - 1), max_size=3))) if seq_len > 1 else []
+    )
+    return len(owned), seq_len, owned, torch.tensor([0, *documents, seq_len])
+
+
+@given(uneven_partitions(), st.sampled_from(["ring", "rsa", "lss", "ulysses", "usp"]),
+       st.booleans())  # fmt: skip
+def test_any_partition_of_any_lengths_with_documents_gives_full_attention(partition, method,
+                                                                          causal):  # fmt: skip
+    """Shards of different lengths, positions in any order, packed documents: still exact."""
+    world, seq_len, owned, cu_seqlens = partition
+    heads = 2 * world  # Ulysses splits heads over W
+    q, k, v, dout = random_inputs(1, seq_len, heads, heads, 4, seed=seq_len)
+    degree = 1 if method == "usp" else None
+    sim = oracle.simulate(method, q, k, v, dout, world=world, causal=causal, positions=owned,
+                          ulysses=degree, cu_seqlens=cu_seqlens)  # fmt: skip
+    out, lse = oracle.full_attention(q, k, v, causal=causal, cu_seqlens=cu_seqlens)
+    # float64 vs float64, the same math reordered: the oracle tolerance
+    assert torch.allclose(sim.out, out, rtol=0, atol=tolerance(torch.float64) * out.abs().max())
+    finite = torch.isfinite(lse)
+    assert torch.equal(torch.isfinite(sim.lse), finite)
+    assert torch.allclose(sim.lse[finite], lse[finite], rtol=0,
+                          atol=tolerance(torch.float64) * lse[finite].abs().max())  # fmt: skip
+    for rank, pos in enumerate(owned):
+        assert torch.equal(sim.ranks[rank].out, sim.out[:, pos])
 
 
 @given(custom_partitions(), st.sampled_from(["ring", "rsa", "lss", "ulysses", "usp"]),
