@@ -1,7 +1,7 @@
-"""The real code skips a block its causal mask hides entirely (``blocks.any_visible``): each rank
-computes exactly the blocks the oracle logs compute for, fewer than without the mask under the
-contiguous layout, and its shards still match the oracle. One launch of 4 gloo processes checks
-ring, usp, lss and rsa."""
+"""The real code skips a block its mask hides entirely (``blocks.any_visible``: causal, or packed
+documents that share nothing): each rank computes exactly the blocks the oracle logs compute
+for, fewer than without the mask under the contiguous layout or with documents, and its shards
+still match the oracle. One launch of 4 gloo processes checks ring, usp, lss and rsa."""
 
 from __future__ import annotations
 
@@ -30,6 +30,21 @@ CASES = [
     Case("usp", ALL, "contiguous", True, 1, 16, 4, 2, 8, "float64", seed=9, ulysses=2),
     Case("usp", ALL, "contiguous", True, 1, 16, 2, 1, 8, "float32", seed=10, ulysses=1),
 ]
+# packed documents: zigzag hides nothing causally, but rank 3's tokens 6..9 (document 1) see
+# nothing of rank 0's block (0, 1 in document 0; 14, 15 later); uneven S (13, 11) too
+PACKED = (0, 6, 16)
+CASES += [
+    Case("ring", ALL, "zigzag", True, 1, 16, 2, 1, 8, "float64", seed=11, cu_seqlens=PACKED),
+    Case("ring", TRIO, "contiguous", False, 1, 13, 2, 1, 4, "float32", seed=12,
+         cu_seqlens=(0, 5, 13)),
+    Case("lss", ALL, "zigzag", True, 1, 16, 2, 1, 8, "float64", seed=13, cu_seqlens=PACKED),
+    Case("rsa", ALL, "zigzag", True, 1, 16, 2, 2, 8, "float64", seed=14, cu_seqlens=PACKED),
+    # usp's ring rank 1 (tokens 4..11, all of document 1) sees nothing of ring rank 0's block
+    Case("usp", ALL, "zigzag", True, 1, 16, 4, 2, 8, "float64", seed=15, ulysses=2,
+         cu_seqlens=(0, 4, 16)),
+    Case("usp", ALL, "contiguous", False, 1, 11, 4, 2, 4, "float64", seed=16, ulysses=2,
+         cu_seqlens=(0, 6, 11)),
+]  # fmt: skip
 
 
 def _count_calls(module, name: str, tally: collections.Counter, key: str) -> None:
@@ -78,7 +93,7 @@ def _oracle_blocks(case: Case) -> list[tuple[int, int]]:
     q, k, v, dout = case.inputs()
     sim = oracle.simulate(
         case.method, q, k, v, dout, world=len(case.members), causal=case.causal,
-        layout=case.layout, ulysses=case.ulysses,
+        layout=case.layout, ulysses=case.ulysses, cu_seqlens=case.cu_seqlens_tensor(),
     )  # fmt: skip
     computed = collections.Counter(
         (e.rank, e.phase) for e in sim.ledger.events if e.op == "compute" and e.macs > 0
@@ -88,14 +103,16 @@ def _oracle_blocks(case: Case) -> list[tuple[int, int]]:
 
 def assert_masked_blocks_skipped(results: list[list[dict | None]]) -> None:
     """Every case: block computations per rank == the oracle's; fewer than without the mask
-    when contiguous (the same when zigzag); shards, ledger and saved bytes match the oracle."""
+    when contiguous causal or packed (the same when zigzag with one document); shards, ledger
+    and saved bytes match the oracle."""
     for index, case in enumerate(CASES):
         per_rank = {rank: results[rank][index] for rank in case.members}
         measured = [per_rank[rank]["blocks"] for rank in case.members]
         assert measured == _oracle_blocks(case), f"{case}: blocks computed {measured}"
-        unmasked = _oracle_blocks(dataclasses.replace(case, causal=False))
+        unmasked = _oracle_blocks(dataclasses.replace(case, causal=False, cu_seqlens=None))
         fewer = sum(f for f, _ in measured) < sum(f for f, _ in unmasked)
-        assert fewer == (case.layout == "contiguous"), f"{case}: {measured} vs {unmasked}"
+        hidden = (case.layout == "contiguous" and case.causal) or case.cu_seqlens is not None
+        assert fewer == hidden, f"{case}: {measured} vs {unmasked}"
         comparisons = compare_with_oracle(case, per_rank)
         problems = [p for c in comparisons for p in c.problems(getattr(torch, case.dtype))]
         assert not problems, f"{case}: {problems}"
