@@ -1,7 +1,8 @@
 """Triton kernels for block attention (imported as ``sptutor.kernels``).
 
 - :func:`flash_attention_forward`, :func:`flash_attention_backward`: FlashAttention-2 with masks
-  from global positions, the contract of ``sptutor.blocks.attention_block`` and its backward.
+  from global positions and (packed documents) per-token document ids, the contract of
+  ``sptutor.blocks.attention_block`` and its backward.
 - :func:`linear_attention_forward`, :func:`linear_attention_backward`: chunked causal (or
   non-causal) linear attention with a per-head decay and an incoming state (see Design,
   *Linear attention*).

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from sptutor.kernels import _tiles
+from sptutor.kernels._tiles import same_document
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x · log2(e))
 
@@ -56,16 +57,16 @@ def _row_stats(LSE, DELTA, batch_head, rows, seq_q):
 
 @triton.jit
 def _dkdv_kernel(
-    Q, K, V, DOUT, LSE, DELTA, DK, DV, Q_POS, K_POS, TILE_COUNT, TILE_INDEX,
+    Q, K, V, DOUT, LSE, DELTA, DK, DV, Q_POS, K_POS, Q_DOC, K_DOC, TILE_COUNT, TILE_INDEX,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
     seq_q, seq_k, heads_kv, head_dim, tiles_q,
-    SCALE: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SCALE: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr, DOCUMENTS: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """dK, dV of one key tile of one (batch, K/V head), summed over its G query heads.
 
     Works with transposed tiles (keys as rows) so every product is a plain ``tl.dot``.
-    q/dout/dq share strides (q's), k/v/dk/dv share k's.
+    q/dout/dq share strides (q's), k/v/dk/dv share k's. Q_DOC, K_DOC: read only when DOCUMENTS.
     """
     k_tile, batch_head = tl.program_id(0), tl.program_id(1)
     batch, kv_head = batch_head // heads_kv, batch_head % heads_kv
@@ -79,6 +80,8 @@ def _dkdv_kernel(
     k = tl.load(K + kv_offsets, mask=kv_mask, other=0.0)
     v = tl.load(V + kv_offsets, mask=kv_mask, other=0.0)
     k_pos = tl.load(K_POS + cols, mask=cols < seq_k, other=0)
+    if DOCUMENTS:
+        k_doc = tl.load(K_DOC + cols, mask=cols < seq_k, other=-1)
     acc_dtype = LSE.dtype.element_ty
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=acc_dtype)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=acc_dtype)
@@ -92,12 +95,16 @@ def _dkdv_kernel(
             q = tl.load(Q + q_offsets, mask=q_mask, other=0.0)
             dout = tl.load(DOUT + q_offsets, mask=q_mask, other=0.0)
             lse, delta = _row_stats(LSE, DELTA, batch * GROUP * heads_kv + head, rows, seq_q)
-            # P^T = exp2(S^T·scale - lse), 0 where masked: beyond S_q, or causal q_pos < k_pos
+            # P^T = exp2(S^T·scale - lse), 0 where masked: beyond S_q, causal q_pos < k_pos, or
+            # another document (or padding)
             scores_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * (SCALE * LOG2E)
             visible = (rows < seq_q)[None, :]
             if CAUSAL:
                 q_pos = tl.load(Q_POS + rows, mask=rows < seq_q, other=0)
                 visible = visible & (k_pos[:, None] <= q_pos[None, :])
+            if DOCUMENTS:
+                q_doc = tl.load(Q_DOC + rows, mask=rows < seq_q, other=-1)
+                visible = visible & same_document(k_doc, q_doc)
             probs_t = tl.where(visible, tl.exp2(scores_t - lse[None, :]), 0.0)
             dv = tl.dot(probs_t.to(dout.dtype), dout, dv, input_precision=PRECISION)  # dV += P^T dO
             dprobs_t = tl.dot(v, tl.trans(dout), input_precision=PRECISION)  # dP^T = V dO^T
@@ -109,13 +116,13 @@ def _dkdv_kernel(
 
 @triton.jit
 def _dq_kernel(
-    Q, K, V, DOUT, LSE, DELTA, DQ, Q_POS, K_POS, TILE_COUNT, TILE_INDEX,
+    Q, K, V, DOUT, LSE, DELTA, DQ, Q_POS, K_POS, Q_DOC, K_DOC, TILE_COUNT, TILE_INDEX,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
     seq_q, seq_k, heads_q, head_dim, tiles_k,
-    SCALE: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SCALE: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr, DOCUMENTS: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """dQ of one query tile of one (batch, query head)."""
+    """dQ of one query tile of one (batch, query head); Q_DOC, K_DOC read only when DOCUMENTS."""
     q_tile, batch_head = tl.program_id(0), tl.program_id(1)
     batch, head = batch_head // heads_q, batch_head % heads_q
     kv_head = head // GROUP
@@ -129,6 +136,8 @@ def _dq_kernel(
     q = tl.load(Q + q_offsets, mask=q_mask, other=0.0)
     dout = tl.load(DOUT + q_offsets, mask=q_mask, other=0.0)
     q_pos = tl.load(Q_POS + rows, mask=rows < seq_q, other=0)
+    if DOCUMENTS:
+        q_doc = tl.load(Q_DOC + rows, mask=rows < seq_q, other=-1)
     lse, delta = _row_stats(LSE, DELTA, batch_head, rows, seq_q)
     kv_base = batch.to(tl.int64) * stride_kb + kv_head * stride_kh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=LSE.dtype.element_ty)
@@ -143,6 +152,9 @@ def _dq_kernel(
         if CAUSAL:
             k_pos = tl.load(K_POS + cols, mask=cols < seq_k, other=0)
             visible = visible & (q_pos[:, None] >= k_pos[None, :])
+        if DOCUMENTS:
+            k_doc = tl.load(K_DOC + cols, mask=cols < seq_k, other=-1)
+            visible = visible & same_document(q_doc, k_doc)
         probs = tl.where(visible, tl.exp2(scores - lse[:, None]), 0.0)  # P = exp2(S - lse)
         dprobs = tl.dot(dout, tl.trans(v), input_precision=PRECISION)  # dP = dO V^T
         dscores = probs * (dprobs - delta[:, None])  # dS = P ⊙ (dP - delta)
@@ -151,11 +163,12 @@ def _dq_kernel(
 
 
 def attention_backward_kernels(
-    dout, q, k, v, out, lse, dq, dk, dv, q_pos, k_pos, causal, scale, precision, cfg
+    dout, q, k, v, out, lse, dq, dk, dv, q_pos, k_pos, q_doc, k_doc, causal, scale, precision, cfg
 ) -> None:
     """Launch the three kernels, writing dq: (B, S_q, Hq, D), dk, dv: (B, S_k, Hkv, D).
 
     Every tensor is contiguous; q, dout, out, dq share q's shape and k, v, dk, dv share k's.
+    q_doc, k_doc: int32 document ids (S_q,), (S_k,), or both None.
     """
     batch, seq_q, heads_q, head_dim = q.shape
     seq_k, heads_kv = k.shape[1], k.shape[2]
@@ -167,17 +180,22 @@ def attention_backward_kernels(
         dout, out, delta, *_tiles.strides(q), seq_q, heads_q, head_dim,
         BLOCK_M=block_m, BLOCK_D=block_d, **launch,
     )  # fmt: skip
-    common = dict(SCALE=scale, GROUP=heads_q // heads_kv, CAUSAL=causal, PRECISION=precision,
-                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **launch)  # fmt: skip
-    counts, tiles = _tiles.tile_schedule(q_pos, k_pos, causal, block_m, block_n, by_key=True)
+    documents = q_doc is not None  # without, the kernels never read Q_DOC, K_DOC: pass positions
+    masks = (q_pos, k_pos, *((q_doc, k_doc) if documents else (q_pos, k_pos)))
+    common = dict(SCALE=scale, GROUP=heads_q // heads_kv, CAUSAL=causal, DOCUMENTS=documents,
+                  PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+                  **launch)  # fmt: skip
+    schedule = dict(q_doc=q_doc, k_doc=k_doc)
+    counts, tiles = _tiles.tile_schedule(q_pos, k_pos, causal, block_m, block_n, by_key=True,
+                                         **schedule)  # fmt: skip
     _dkdv_kernel[(triton.cdiv(seq_k, block_n), batch * heads_kv)](
-        q, k, v, dout, lse, delta, dk, dv, q_pos, k_pos, counts, tiles,
+        q, k, v, dout, lse, delta, dk, dv, *masks, counts, tiles,
         *_tiles.strides(q), *_tiles.strides(k), seq_q, seq_k, heads_kv, head_dim, tiles.shape[1],
         **common,
     )  # fmt: skip
-    counts, tiles = _tiles.tile_schedule(q_pos, k_pos, causal, block_m, block_n)
+    counts, tiles = _tiles.tile_schedule(q_pos, k_pos, causal, block_m, block_n, **schedule)
     _dq_kernel[q_grid](
-        q, k, v, dout, lse, delta, dq, q_pos, k_pos, counts, tiles,
+        q, k, v, dout, lse, delta, dq, *masks, counts, tiles,
         *_tiles.strides(q), *_tiles.strides(k), seq_q, seq_k, heads_q, head_dim, tiles.shape[1],
         **common,
     )  # fmt: skip

@@ -1,4 +1,4 @@
-"""What the kernels share: interpreted or compiled, tile sizes, input checks and the tile schedule.
+"""What the kernels share: interpreted or compiled, tiles, input checks, masks and the schedule.
 
 Importing this module (as every kernel module does first) fixes whether the ``@triton.jit``
 kernels defined after it run compiled or under the Triton interpreter: Triton reads
@@ -11,6 +11,7 @@ import dataclasses
 
 import torch
 import triton
+import triton.language as tl  # noqa: F401 (the interpreter needs tl beside a jit function)
 
 # True when the kernels run under the Triton interpreter (TRITON_INTERPRET=1, e.g. on a CPU)
 INTERPRETED = bool(triton.knobs.runtime.interpret)
@@ -18,7 +19,8 @@ INTERPRETED = bool(triton.knobs.runtime.interpret)
 # the smallest tile side ``tl.dot`` takes on a GPU; heads of D < 16 are padded up to it
 MIN_DOT = 16
 
-# sentinel positions for padded rows and columns of a tile: they never see or are seen (causal)
+# sentinel positions for padded rows and columns of a tile: they never see or are seen (causal);
+# also the bounds of an empty range of document ids (a tile of padding only)
 POSITION_MIN, POSITION_MAX = -(2**31), 2**31 - 1
 
 
@@ -141,6 +143,40 @@ def positions(pos: torch.Tensor | None, length: int, device: torch.device) -> to
     return pos.to(device=device, dtype=torch.int32).contiguous()
 
 
+def documents(
+    q_doc: torch.Tensor | None,
+    k_doc: torch.Tensor | None,
+    seq_q: int,
+    seq_k: int,
+    device: torch.device,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Document ids of the queries (S_q,) and keys (S_k,) as contiguous int32 on ``device``, or
+    (None, None) for one document. Ids must be below 2**31; a negative id (-1) marks padding.
+    Raises ValueError unless both or neither are given and for wrong shapes, TypeError for
+    non-integer ids."""
+    if (q_doc is None) != (k_doc is None):
+        raise ValueError("give document ids for both queries and keys (q_doc, k_doc), or neither")
+    if q_doc is None:
+        return None, None
+    ids = []
+    for name, doc, length in (("q_doc", q_doc, seq_q), ("k_doc", k_doc, seq_k)):
+        if not isinstance(doc, torch.Tensor):
+            raise TypeError(f"{name} must be an integer tensor of document ids, got {type(doc)}")
+        if doc.dtype.is_floating_point or doc.is_complex() or doc.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor of document ids, got {doc.dtype}")
+        if doc.shape != (length,):
+            raise ValueError(f"{name} must have shape ({length},), got {tuple(doc.shape)}")
+        ids.append(doc.to(device=device, dtype=torch.int32).contiguous())
+    return ids[0], ids[1]
+
+
+@triton.jit
+def same_document(row_doc, col_doc):
+    """(R, C) bool from ids (R,), (C,): one document, and not padding (a negative id). Equal ids
+    share a sign, so testing the rows' is enough (and the test is symmetric)."""
+    return (row_doc[:, None] == col_doc[None, :]) & (row_doc >= 0)[:, None]
+
+
 def tile_schedule(
     q_pos: torch.Tensor,
     k_pos: torch.Tensor,
@@ -148,29 +184,54 @@ def tile_schedule(
     block_m: int,
     block_n: int,
     *,
+    q_doc: torch.Tensor | None = None,
+    k_doc: torch.Tensor | None = None,
     by_key: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Which tiles each program visits; a (query tile, key tile) pair is skipped when fully masked.
 
     q_pos: (S_q,), k_pos: (S_k,) global positions. Causal, a pair is fully masked when its latest
     query comes before its earliest key: ``max(q_pos in tile) < min(k_pos in tile)``.
+    q_doc: (S_q,), k_doc: (S_k,) document ids or None: a pair is also fully masked when the
+    ranges ``[min, max]`` of the ids of its valid tokens (id >= 0) do not overlap, and so is
+    every pair of a tile holding padding (id < 0) only. Both tests are conservative: a pair
+    holding one visible (query, key) is never skipped.
     Returns counts: (T,) int32, how many tiles each program visits, and tiles: (T, T') int32,
     their indices first (in order), the skipped ones after: per query tile the key tiles
     (T = T_q), or with ``by_key`` per key tile the query tiles (T = T_k, for the dK/dV kernel).
     A few small torch ops on the positions' device, no host sync.
     """
     visible = _visible_tiles(q_pos, k_pos, causal, block_m, block_n)  # (T_q, T_k)
+    if q_doc is not None:
+        q_first, q_last = _document_ranges(q_doc, block_m)  # (T_q,) each
+        k_first, k_last = _document_ranges(k_doc, block_n)  # (T_k,) each
+        # [q_first, q_last] and [k_first, k_last] overlap; an empty range (first > last) never does
+        first = torch.maximum(q_first[:, None], k_first[None, :])
+        visible = visible & (first <= torch.minimum(q_last[:, None], k_last[None, :]))
     return _compact(visible.T if by_key else visible)
 
 
 def _visible_tiles(q_pos, k_pos, causal, block_m, block_n) -> torch.Tensor:
-    """(T_q, T_k) bool: does any query of tile i see any key of tile j?"""
+    """(T_q, T_k) bool: does any query of tile i see any key of tile j (causally)?"""
     tiles_q, tiles_k = triton.cdiv(q_pos.numel(), block_m), triton.cdiv(k_pos.numel(), block_n)
     if not causal:
         return torch.ones(tiles_q, tiles_k, dtype=torch.bool, device=q_pos.device)
     q_last = _pad(q_pos, tiles_q * block_m, POSITION_MIN).view(tiles_q, block_m).amax(1)
     k_first = _pad(k_pos, tiles_k * block_n, POSITION_MAX).view(tiles_k, block_n).amin(1)
     return q_last[:, None] >= k_first[None, :]
+
+
+def _document_ranges(doc: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The smallest and largest id of the valid tokens (id >= 0) of each tile: (T,), (T,).
+
+    Padding ids (and the columns past the end) become a sentinel per reduction, so a tile of
+    padding only gets first = POSITION_MAX > last = POSITION_MIN, an empty range."""
+    tiles = triton.cdiv(doc.numel(), block)
+    doc = _pad(doc, tiles * block, -1).view(tiles, block)
+    padding = doc < 0
+    first = doc.masked_fill(padding, POSITION_MAX).amin(1)
+    last = doc.masked_fill(padding, POSITION_MIN).amax(1)
+    return first, last
 
 
 def _pad(pos: torch.Tensor, length: int, value: int) -> torch.Tensor:

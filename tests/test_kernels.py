@@ -139,8 +139,10 @@ def cancellation(c, name: str, exact: torch.Tensor) -> float:
     group = q.shape[2] // c["k"].shape[2]
     k, v = (c[n].repeat_interleave(group, dim=2) for n in ("k", "v"))  # (B, S_k, Hq, D)
     options = dict(q_pos=c["q_pos"], k_pos=c["k_pos"], causal=c["causal"], scale=scale)
-    out, lse = reference.full_attention(q, c["k"], c["v"], **options)
-    visible = blocks.visible_pairs(c["q_pos"], c["k_pos"], c["causal"])
+    out, lse = reference.full_attention(
+        q, c["k"], c["v"], cu_seqlens=c.get("cu_seqlens"), **options
+    )
+    visible = case_mask(c)
     scores = (torch.einsum("bqhd,bkhd->bhqk", q, k) * scale).masked_fill(~visible, -torch.inf)
     probs = torch.exp(scores - torch.nan_to_num(lse, neginf=0.0)[..., None])  # (B, Hq, S_q, S_k)
     dprobs = torch.einsum("bqhd,bkhd->bhqk", dout.abs(), v.abs())
@@ -158,8 +160,12 @@ def sees_two_keys(c) -> bool:
     """Does some row see two keys or more? If none does, dq and dk are 0 by exact cancellation
     (P = 1, dP - delta = dout·v - dout·out = 0) and hold rounding noise only, whose relative error
     means nothing; otherwise the noise rows are negligible next to the others."""
-    visible = blocks.visible_pairs(c["q_pos"], c["k_pos"], c["causal"])
-    return bool((visible.sum(1) >= 2).any())
+    return bool((case_mask(c).sum(1) >= 2).any())
+
+
+def case_mask(c) -> torch.Tensor:
+    """(S_q, S_k) bool: the case's mask, with documents when it has them (q_doc, k_doc)."""
+    return blocks.visible_pairs(c["q_pos"], c["k_pos"], c["causal"], c.get("q_doc"), c.get("k_doc"))
 
 
 @settings(max_examples=4)
