@@ -5,7 +5,8 @@ attention families:
 
 - softmax (``"full"`` on one process; ``rsa``, ``ring``, ``ulysses``, ``usp``, ``lss`` on W ranks):
   causal attention with RoPE, whose angles come from the **global** positions of this rank's tokens
-  (``sptutor.layout.positions``), so a sharded run rotates every token exactly as the full run does;
+  (``sptutor.layout.positions``), so a sharded run rotates every token exactly as the full run does
+  (with ``rope_per_document``, from the positions inside each packed document);
 - linear (``"linear"`` on one process; ``lasp``, ``lasp2`` on W ranks): causal, unnormalised linear
   attention (see Design, *Linear attention*) on the feature map ``elu(x) + 1`` (positive, as in
   Katharopoulos et al. 2020; the design leaves feature maps to the caller), with a fixed per-head
@@ -14,6 +15,9 @@ attention families:
 
 Every rank holds the whole model and runs :meth:`TinyGPT.forward` on its shard of the sequence;
 the loss it returns is its tokens' share of the full-sequence mean (see ``docs/training.md``).
+Any S >= W works (pass ``seq_len=S`` when W does not divide it), and packed documents
+(``cu_seqlens``): attention stays inside each document, linear attention's state restarts at each
+one, and the loss skips the target of each document's last token (``sptutor.positions``).
 """
 
 from __future__ import annotations
@@ -21,14 +25,24 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from sptutor import blocks, lasp, lasp2, layout, lss, ring, rsa, ulysses, usp
+from sptutor import blocks, lasp, lasp2, lss, ring, rsa, ulysses, usp
 from sptutor.mesh import UspMesh
 from sptutor.methods import LINEAR_METHODS, SOFTMAX_METHODS
 from sptutor.oracle import reference
+from sptutor.positions import (  # noqa: F401 (sp_positions, sp_world: re-exported)
+    Placement,
+    counted_per_sequence,
+    counted_targets,
+    place,
+    rotary,
+    sp_positions,
+    sp_world,
+)
+
+IGNORE = -100  # a target F.cross_entropy skips (its default ignore_index)
 
 ATTENTIONS = ("full", "linear", *SOFTMAX_METHODS, *LINEAR_METHODS)
 _SP_ATTENTION = {
@@ -45,7 +59,8 @@ class GPTConfig:
     ``attention`` is ``"full"``, ``"linear"`` (single-process baselines) or a method of sptutor
     (see Design, *Methods*); ``layout`` is how the sequence is cut over the SP ranks (see Design,
     *Layouts*); ``ulysses`` is USP's Ulysses degree U; ``heads_kv < heads_q`` is GQA; ``dtype``
-    names a torch float dtype.
+    names a torch float dtype; ``rope_per_document`` turns each token by its position inside its
+    packed document instead of its global position (softmax models only: linear ones have no RoPE).
     """
 
     vocab: int = 96
@@ -60,6 +75,7 @@ class GPTConfig:
     dtype: str = "float32"
     norm: str = "rms"
     mlp_ratio: int = 4
+    rope_per_document: bool = False
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTIONS:
@@ -77,6 +93,10 @@ class GPTConfig:
             raise ValueError(f"only usp has a Ulysses degree, got ulysses={self.ulysses}")
         if self.norm not in ("rms", "layer"):
             raise ValueError(f"norm must be 'rms' or 'layer', got {self.norm!r}")
+        if self.rope_per_document and self.is_linear:
+            raise ValueError(
+                f"rope_per_document needs softmax attention: {self.attention} has no RoPE"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -95,26 +115,6 @@ class GPTConfig:
     def baseline(self) -> GPTConfig:
         """The same model on one process: full softmax or full linear attention."""
         return replace(self, attention="linear" if self.is_linear else "full", ulysses=1)
-
-
-def rotary(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
-    """RoPE: rotate pairs of channels of x: (B, S_loc, H, D) by angles of global positions (S_loc,).
-
-    Channel i is paired with channel i + D/2 and turned by ``position · base^(-2i/D)``; only the
-    positions matter, so any layout gives each token the rotation it has in the full sequence.
-    Angles and the rotation are computed in float32 (float64 for float64 x), then cast back: a
-    16-bit position would round (bfloat16 keeps 8 bits, so positions above 256 collide).
-    """
-    acc = blocks.accumulation_dtype(x.dtype)
-    half = x.shape[-1] // 2
-    frequencies = base ** (-torch.arange(half, dtype=acc, device=x.device) / half)  # (D/2,)
-    angles = (
-        positions.to(device=x.device, dtype=acc)[:, None] * frequencies[None, :]
-    )  # (S_loc, D/2)
-    cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]  # (1, S_loc, 1, D/2)
-    first, second = x[..., :half].to(acc), x[..., half:].to(acc)
-    rotated = torch.cat((first * cos - second * sin, first * sin + second * cos), dim=-1)
-    return rotated.to(x.dtype)
 
 
 def linear_decay(heads_q: int, like: torch.Tensor) -> torch.Tensor:
@@ -142,8 +142,8 @@ class Attention(nn.Module):
             nn.RMSNorm(heads_q * head_dim, dtype=config.torch_dtype) if config.is_linear else None
         )
 
-    def forward(self, x, positions, group, mesh):
-        """x: (B, S_loc, d_model) this rank's tokens; positions: (S_loc,) global. Same shape out."""
+    def forward(self, x: torch.Tensor, where: Placement) -> torch.Tensor:
+        """x: (B, S_loc, d_model) this rank's tokens, placed by ``where``. Same shape out."""
         config = self.config
         batch, seq_local, _ = x.shape
         q = self.q_proj(x).view(
@@ -153,30 +153,34 @@ class Attention(nn.Module):
         kv = self.kv_proj(x).view(batch, seq_local, 2, config.heads_kv, config.head_dim)
         k, v = kv.unbind(2)  # (B, S_loc, Hkv, D) each
         if config.is_linear:
-            out = self._linear(F.elu(q) + 1, F.elu(k) + 1, v, group)
+            out = self._linear(F.elu(q) + 1, F.elu(k) + 1, v, where)
             out = self.out_norm(out.reshape(batch, seq_local, -1))  # linear outputs grow: rescale
         else:
-            out = self._softmax(
-                rotary(q, positions), rotary(k, positions), v, positions, group, mesh
-            )
+            out = self._softmax(rotary(q, where.rope), rotary(k, where.rope), v, where)
         return self.out_proj(out.reshape(batch, seq_local, -1))
 
-    def _softmax(self, q, k, v, positions, group, mesh):
+    def _softmax(self, q, k, v, where: Placement):
         """Causal softmax attention of this rank's shard: (B, S_loc, Hq, D)."""
         name, lay = self.config.attention, self.config.layout
         if name == "full":  # one process: the ground truth, independent of what it checks
-            return reference.full_attention(q, k, v, causal=True, q_pos=positions,
-                                            k_pos=positions)[0]  # fmt: skip
+            pos = where.positions
+            return reference.full_attention(q, k, v, causal=True, q_pos=pos, k_pos=pos,
+                                            cu_seqlens=where.cu_seqlens)[0]  # fmt: skip
+        sequence = dict(seq_len=where.seq_len, cu_seqlens=where.cu_seqlens)
         if name == "usp":
-            return usp.usp_attention(q, k, v, mesh=mesh, causal=True, layout=lay)
-        return _SP_ATTENTION[name](q, k, v, causal=True, layout=lay, group=group)
+            return usp.usp_attention(q, k, v, mesh=where.mesh, causal=True, layout=lay, **sequence)
+        return _SP_ATTENTION[name](q, k, v, causal=True, layout=lay, group=where.group, **sequence)
 
-    def _linear(self, q, k, v, group):
+    def _linear(self, q, k, v, where: Placement):
         """Causal linear attention with decay of this rank's shard: (B, S_loc, Hq, D)."""
         decay = linear_decay(q.shape[2], q)
         if self.config.attention == "linear":  # one process: the ground truth
-            return reference.full_linear_attention(q, k, v, causal=True, decay=decay)
-        return _SP_ATTENTION[self.config.attention](q, k, v, causal=True, decay=decay, group=group)
+            return reference.full_linear_attention(q, k, v, causal=True, decay=decay,
+                                                   cu_seqlens=where.cu_seqlens)  # fmt: skip
+        return _SP_ATTENTION[self.config.attention](
+            q, k, v, causal=True, decay=decay, group=where.group, seq_len=where.seq_len,
+            cu_seqlens=where.cu_seqlens,
+        )  # fmt: skip
 
 
 class Block(nn.Module):
@@ -194,9 +198,9 @@ class Block(nn.Module):
             nn.Linear(config.mlp_ratio * width, width, dtype=dtype),
         )
 
-    def forward(self, x, positions, group, mesh):
+    def forward(self, x: torch.Tensor, where: Placement) -> torch.Tensor:
         """x: (B, S_loc, d_model) -> (B, S_loc, d_model)."""
-        x = x + self.attn(self.attn_norm(x), positions, group, mesh)
+        x = x + self.attn(self.attn_norm(x), where)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -229,59 +233,53 @@ class TinyGPT(nn.Module):
                 nn.init.zeros_(block.mlp[0].bias)
                 nn.init.zeros_(block.mlp[2].bias)
 
-    def logits(self, ids, *, group=None, mesh: UspMesh | None = None, positions=None):
+    def logits(self, ids, *, group=None, mesh: UspMesh | None = None, positions=None,
+               seq_len: int | None = None, cu_seqlens: torch.Tensor | None = None):  # fmt: skip
         """ids: (B, S_loc) this rank's tokens -> logits: (B, S_loc, vocab).
 
         ``group`` is the SP group (``mesh`` for usp); ``positions`` (S_loc,) overrides the global
         positions the layout gives this rank (default: ``sp_positions``): softmax attention takes
-        tokens in any order, linear attention reads them in sequence order only.
+        tokens in any order, linear attention reads them in sequence order only. ``seq_len``: the
+        global S (default ``cu_seqlens[-1]``, else W·S_loc; needed when W does not divide S);
+        ``cu_seqlens``: (N+1,) packed documents' global offsets, the same on every rank.
         """
-        if positions is None:
-            positions = sp_positions(self.config, ids.shape[1], group=group, mesh=mesh)
+        where = place(self.config, ids, group=group, mesh=mesh, positions=positions,
+                      seq_len=seq_len, cu_seqlens=cu_seqlens)  # fmt: skip
+        return self._logits(ids, where)
+
+    def _logits(self, ids: torch.Tensor, where: Placement) -> torch.Tensor:
+        """ids: (B, S_loc) placed by ``where`` -> logits (B, S_loc, vocab)."""
         x = self.embed(ids)  # (B, S_loc, d_model)
         for block in self.blocks:
-            x = block(x, positions.to(ids.device), group, mesh)
+            x = block(x, where)
         return F.linear(self.final_norm(x), self.embed.weight)  # tied head: (B, S_loc, vocab)
 
-    def forward(self, ids, targets, *, group=None, mesh: UspMesh | None = None, positions=None):
+    def forward(self, ids, targets, *, group=None, mesh: UspMesh | None = None, positions=None,
+                seq_len: int | None = None, cu_seqlens: torch.Tensor | None = None):  # fmt: skip
         """ids, targets: (B, S_loc) this rank's shard of inputs and next tokens -> scalar loss.
 
-        The loss is the sum of this rank's token losses over the **global** token count B·S, so
-        the SP ranks' losses add up to the full-sequence mean (and their gradients add up too).
+        Arguments as :meth:`logits`. The loss is the sum of this rank's counted token losses over
+        the **global** count of counted targets, B·S (packed: B·(S − non-empty documents), the
+        target of a document's last token is not counted), so the SP ranks' losses add up to the
+        full-sequence mean (and their gradients add up too).
         """
-        logits = self.logits(ids, group=group, mesh=mesh, positions=positions)
-        # the global token count comes from the group, whoever chose the positions
-        world = sp_world(self.config, group=group, mesh=mesh)
-        return local_loss(logits, targets, tokens=ids.numel() * world)
+        where = place(self.config, ids, group=group, mesh=mesh, positions=positions,
+                      seq_len=seq_len, cu_seqlens=cu_seqlens)  # fmt: skip
+        tokens = ids.shape[0] * counted_per_sequence(where.seq_len, where.cu_seqlens)
+        counted = counted_targets(where.positions, where.cu_seqlens)
+        return local_loss(self._logits(ids, where), targets, tokens, counted)
 
 
-def local_loss(logits: torch.Tensor, targets: torch.Tensor, tokens: int) -> torch.Tensor:
-    """Cross-entropy summed over this shard's tokens, divided by ``tokens`` = B·S (global).
+def local_loss(
+    logits: torch.Tensor, targets: torch.Tensor, tokens: int, counted: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Cross-entropy summed over this shard's counted tokens, divided by ``tokens`` (global).
 
-    logits: (B, S_loc, vocab); targets: (B, S_loc). Returns a scalar.
+    logits: (B, S_loc, vocab); targets: (B, S_loc); ``counted``: (S_loc,) bool, the tokens whose
+    targets count (None: all; see ``sptutor.positions.counted_targets``); ``tokens``: the global
+    count of counted targets (B·S unpacked). Returns a scalar.
     """
+    if counted is not None:
+        targets = targets.masked_fill(~counted.to(targets.device), IGNORE)
     losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
     return losses / tokens
-
-
-def sp_world(config: GPTConfig, *, group=None, mesh: UspMesh | None = None) -> int:
-    """W, the number of SP ranks the sequence is cut over (1 for the single-process baselines)."""
-    if config.attention in ("full", "linear"):
-        return 1
-    return mesh.world if config.attention == "usp" else dist.get_world_size(group)
-
-
-def sp_positions(config: GPTConfig, seq_local: int, *, group=None, mesh=None) -> torch.Tensor:
-    """This rank's global positions (S_loc,) under ``config.layout`` (see Design, *Layouts*)."""
-    world = sp_world(config, group=group, mesh=mesh)
-    if world == 1:
-        return torch.arange(seq_local)
-    if config.attention == "usp":
-        if mesh is None or mesh.ulysses != config.ulysses:
-            raise ValueError(f"usp needs a mesh with U={config.ulysses}, got {mesh}")
-        rank = dist.get_rank(mesh.group)
-    else:
-        rank = dist.get_rank(group)
-    return layout.positions(
-        seq_local * world, world=world, rank=rank, layout=config.layout, ulysses=config.ulysses
-    )

@@ -87,7 +87,9 @@ def average_gradients(model: nn.Module, grid: Grid) -> None:
 
     Call after ``loss.backward()`` on every rank. Sum, because each SP rank's loss is its tokens'
     share of the replica mean (the shares add up to the mean); mean, because DP replicas each
-    computed a full replica-mean gradient. Together: the gradient of the global-batch mean.
+    computed a full replica-mean gradient. Together: the gradient of the global-batch mean. (With
+    packed documents every replica counts the same B·(S − N) targets, one packing for every row,
+    so the replicas' means still weigh equally.)
     """
     with torch.no_grad():
         grads = _local_grads(model)

@@ -6,6 +6,13 @@ every process (a seeded generator), targets are the next characters **before** s
 replica d takes rows ``d·batch ..``, and SP rank r takes its layout's tokens of them. The
 single-process baseline trains the same model with full attention on the whole global batch, so
 both loss curves can be compared step by step.
+
+Any S >= W works (the model gets ``seq_len=S``; shards then differ by one token). With
+``pack_documents=N`` each sequence packs N documents instead of one window: N-1 cut points drawn
+from the seed each step (anywhere: inside shards, at rank edges), the same for every row, and each
+document an excerpt of its own from a random place of the essay. The model gets their
+``cu_seqlens``: attention stays inside a document, and the target of a document's last token (the
+first character of the next document, or past the sequence) is not counted in the loss.
 """
 
 from __future__ import annotations
@@ -33,7 +40,9 @@ SIZES = ("world", "steps", "batch", "seq_len", "d_model", "heads_q", "heads_kv",
 class TrainConfig:
     """One training run. ``batch`` is the number of sequences per DP replica; ``sp``/``dp``
     default to ``sp = world``, ``dp = 1`` (or whichever one is missing); ``ulysses`` (usp only)
-    defaults to 2 when ``sp`` is even, else 1."""
+    defaults to 2 when ``sp`` is even, else 1. ``pack_documents``: documents per sequence (0:
+    one window of the corpus per sequence, no packing); ``rope_per_document``: RoPE angles from
+    each token's position inside its document."""
 
     method: str = "ring"
     world: int = 4
@@ -51,6 +60,8 @@ class TrainConfig:
     layers: int = 2
     lr: float = 3e-3
     seed: int = 0
+    pack_documents: int = 0
+    rope_per_document: bool = False
 
     def grid_sizes(self) -> tuple[int, int]:
         """(sp, dp) with ``sp · dp == world``."""
@@ -99,18 +110,26 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {name}={value}")
         if not self.lr >= 0:
             raise ValueError(f"lr must be >= 0, got lr={self.lr}")
+        if not 0 <= self.pack_documents < self.seq_len:
+            raise ValueError(
+                "pack_documents must be 0 (no packing) or N < S (every document at least one "
+                "token, and one target left to predict inside a document), got "
+                f"pack_documents={self.pack_documents}, S={self.seq_len}"
+            )
         dtype = getattr(torch, self.dtype, None)
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f"dtype must name a torch float dtype, got dtype={self.dtype!r}")
 
     def describe(self) -> str:
-        """One line: ``usp: W=4 as SP=4 (U=2 x R=2) x DP=1, layout=zigzag, float32, 20 steps``."""
+        """One line: ``usp: W=4 as SP=4 (U=2 x R=2) x DP=1, layout=zigzag, float32, 20 steps``
+        (then ``, 3 documents packed per sequence`` when packing)."""
         sp, dp = self.grid_sizes()
         degree = self.ulysses_degree()
         mesh = f" (U={degree} x R={sp // degree})" if self.method == "usp" else ""
+        packed = f", {self.pack_documents} documents packed per sequence"
         return (
             f"{self.method}: W={self.world} as SP={sp}{mesh} x DP={dp}, layout={self.layout}, "
-            f"{self.dtype}, {self.steps} steps"
+            f"{self.dtype}, {self.steps} steps{packed if self.pack_documents else ''}"
         )
 
     def model_config(self, vocab: int) -> GPTConfig:
@@ -121,6 +140,7 @@ class TrainConfig:
             vocab=vocab, d_model=self.d_model, heads_q=self.heads_q, heads_kv=self.heads_kv,
             layers=self.layers, seq_len=self.seq_len, attention=self.method, layout=self.layout,
             ulysses=self.ulysses_degree(), dtype=self.dtype,
+            rope_per_document=self.rope_per_document,
         )  # fmt: skip
 
 
@@ -140,22 +160,41 @@ def load_corpus() -> tuple[torch.Tensor, int]:
     return torch.tensor([index[c] for c in text], dtype=torch.long), len(characters)
 
 
-def global_batch(ids: torch.Tensor, config: TrainConfig, step: int):
-    """The step's windows, the same on every process: inputs, targets: (dp·batch, S) each.
+def document_offsets(config: TrainConfig, step: int) -> torch.Tensor | None:
+    """The step's packed documents, the same on every process and for every row: cu_seqlens
+    (N+1,) with N = ``pack_documents`` non-empty documents, its N-1 cuts drawn from the seed among
+    1..S-1; None without packing."""
+    if not config.pack_documents:
+        return None
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step + 500_009)
+    cuts = torch.randperm(config.seq_len - 1, generator=generator)[: config.pack_documents - 1]
+    return torch.cat([torch.tensor([0]), (cuts + 1).sort().values, torch.tensor([config.seq_len])])
 
-    Targets are the next characters, taken from the full windows before any sharding.
+
+def global_batch(ids: torch.Tensor, config: TrainConfig, step: int):
+    """The step's sequences, the same on every process: inputs, targets: (dp·batch, S) each.
+
+    Each row is S + 1 characters, inputs its first S, targets its last S (the next characters,
+    taken before any sharding): one window of the corpus, or, packed, one excerpt per document of
+    :func:`document_offsets` and then the first character of one more (each from its own random
+    start), so the target of a document's last token is the next document's first character.
     """
     rows = config.grid_sizes()[1] * config.batch
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-    starts = torch.randint(0, ids.numel() - config.seq_len - 1, (rows,), generator=generator)
-    windows = torch.stack([ids[s : s + config.seq_len + 1] for s in starts.tolist()])  # (rows, S+1)
-    return windows[:, :-1], windows[:, 1:]
+    offsets = document_offsets(config, step)  # packed: N documents, then one more character
+    lengths = [config.seq_len + 1] if offsets is None else [*offsets.diff().tolist(), 1]
+    starts = torch.randint(0, ids.numel() - config.seq_len - 1, (rows, len(lengths)),
+                           generator=generator).tolist()  # fmt: skip
+    windows = torch.stack([torch.cat([ids[s : s + n] for s, n in zip(row, lengths)])
+                           for row in starts])  # fmt: skip
+    return windows[:, :-1], windows[:, 1:]  # (rows, S+1) -> (rows, S) each
 
 
 def local_batch(inputs: torch.Tensor, targets: torch.Tensor, grid: Grid, config: GPTConfig):
     """This rank's piece of a global batch: its replica's rows, its layout's tokens.
 
-    inputs, targets: (dp·B, S) -> (B, S/W) each, W = ``grid.sp``.
+    inputs, targets: (dp·B, S) -> (B, S_r) each, W = ``grid.sp`` (S_r = S/W, or one token more
+    or fewer when W does not divide S).
     """
     batch = inputs.shape[0] // grid.dp
     rows = slice(grid.dp_rank * batch, (grid.dp_rank + 1) * batch)
@@ -177,7 +216,8 @@ def train_on_rank(rank: int, world: int, config: TrainConfig, verbose: bool) -> 
     losses, start = [], time.perf_counter()
     for step in range(config.steps):
         ids_shard, targets_shard = local_batch(*global_batch(ids, config, step), grid, model_config)
-        loss = model(ids_shard, targets_shard, group=grid.sp_group, mesh=grid.mesh)
+        loss = model(ids_shard, targets_shard, group=grid.sp_group, mesh=grid.mesh,
+                     seq_len=config.seq_len, cu_seqlens=document_offsets(config, step))  # fmt: skip
         optimizer.zero_grad()
         loss.backward()
         average_gradients(model, grid)
@@ -198,6 +238,14 @@ def _global_loss(loss: torch.Tensor, grid: Grid) -> float:
     total = loss.detach().clone()
     dist.all_reduce(total)
     return total.item() / grid.dp
+
+
+def _packing_line(config: TrainConfig) -> str:
+    """What packing does, in one line, with the first step's cu_seqlens."""
+    count, first = config.pack_documents, document_offsets(config, 0).tolist()
+    return (f"packing {count} documents per sequence, cut anew each step (step 1: cu_seqlens="
+            f"{first}); attention stays inside each document; the target of each document's last "
+            f"token is not counted ({count} of S={config.seq_len} per sequence)")  # fmt: skip
 
 
 @contextmanager
@@ -221,7 +269,7 @@ def train_single(config: TrainConfig, verbose: bool = True) -> list[float]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
     losses, start = [], time.perf_counter()
     for step in range(config.steps):
-        loss = model(*global_batch(ids, config, step))
+        loss = model(*global_batch(ids, config, step), cu_seqlens=document_offsets(config, step))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -240,6 +288,8 @@ def run(config: TrainConfig, *, baseline: bool = False, verbose: bool = True) ->
     config.check()  # every precondition, before starting any process
     if verbose:
         print(config.describe(), flush=True)
+        if config.pack_documents:
+            print(_packing_line(config), flush=True)
     reference = train_single(config, verbose) if baseline else None
     losses = launch.spawn(train_on_rank, config.world, (config, verbose))[0]
     if verbose and reference is not None:

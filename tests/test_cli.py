@@ -88,8 +88,8 @@ def test_python_m_sptutor_runs_the_command():
 # sptutor train arguments -> the library call that raises the sentence they must end with
 BAD_ARGUMENTS = {
     "--method ulysses --world 3 --seq-len 63": lambda: checks.check_ulysses_heads(4, 2, 3),
-    "--method ulysses --world 3 --seq-len 64": lambda: layout.check_layout(
-        64, world=3, layout="contiguous"
+    "--method ulysses --world 4 --seq-len 3": lambda: layout.check_layout(
+        3, world=4, layout="contiguous"
     ),
     "--method lasp --layout zigzag": lambda: GPTConfig(attention="lasp", layout="zigzag"),
     "--d-model 64 --heads-q 6": lambda: GPTConfig(d_model=64, heads_q=6, heads_kv=2),
@@ -101,12 +101,13 @@ BAD_ARGUMENTS = {
     "--method usp --world 4 --ulysses 4 --heads-q 2 --heads-kv 1 --d-model 16": (
         lambda: checks.check_ulysses_heads(2, 1, 4)
     ),
-    "--layout zigzag --world 4 --seq-len 36": lambda: layout.check_layout(
-        36, world=4, layout="zigzag"
+    "--layout zigzag --world 4 --seq-len 7": lambda: layout.check_layout(
+        7, world=4, layout="zigzag"
     ),
-    "--method usp --world 4 --ulysses 2 --seq-len 6": lambda: layout.check_layout(
-        6, world=4, layout="contiguous", ulysses=2
+    "--method usp --world 4 --ulysses 2 --seq-len 3": lambda: layout.check_layout(
+        3, world=4, layout="contiguous", ulysses=2
     ),
+    "--pack-documents -1": lambda: train.TrainConfig(pack_documents=-1).check(),
     "--method ring --ulysses 2": lambda: GPTConfig(attention="ring", ulysses=2),
     "--steps 0": lambda: train.TrainConfig(steps=0).check(),
     "--world 0": lambda: train.TrainConfig(world=0).check(),

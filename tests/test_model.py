@@ -1,4 +1,5 @@
-"""The tiny GPT on one process: global positions, loss shares, baselines vs the ground truth."""
+"""The tiny GPT on one process: global positions, loss shares, baselines vs the ground truth,
+any S (uneven shards) and packed documents (each one its own sequence, RoPE per document)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from sptutor.model import (
     local_loss,
     rotary,
 )
+from sptutor.positions import counted_per_sequence, counted_targets, rope_positions
 from sptutor.testing import assert_close, relative_error
 from tests.strategies import tensors
 
@@ -27,43 +29,68 @@ CONFIG = GPTConfig(vocab=11, d_model=16, heads_q=4, heads_kv=2, layers=2, seq_le
 
 @st.composite
 def sharding(draw) -> tuple[int, str, int, int]:
-    """(W, layout, U, S): a world of 1..4 ranks, any layout, a Ulysses degree dividing W."""
+    """(W, layout, U, S): a world of 1..4 ranks, any layout, a Ulysses degree dividing W, and any
+    S the layout can cut (W need not divide it: shards then differ by one token)."""
     world = draw(st.integers(1, 4))
     lay = draw(st.sampled_from(layout.LAYOUTS))
     degree = draw(st.sampled_from([u for u in range(1, world + 1) if world % u == 0]))
-    unit = (2 * world if lay == "zigzag" else world) * degree
-    return world, lay, degree, unit * draw(st.integers(1, 2))
+    fewest = 2 * world if lay == "zigzag" else world
+    return world, lay, degree, draw(st.integers(max(fewest, 2), 3 * fewest + 4))
+
+
+@st.composite
+def documents(draw, seq_len: int) -> torch.Tensor | None:
+    """None (one document) or cu_seqlens (N+1,) of documents packed anywhere in S, empty ones
+    too, with at least one target left inside a document."""
+    cuts = draw(st.one_of(st.none(), st.lists(st.integers(0, seq_len), max_size=5)))
+    if cuts is None:
+        return None
+    offsets = torch.tensor([0, *sorted(cuts), seq_len])
+    return offsets if bool((offsets.diff() > 1).any()) else torch.tensor([0, seq_len])
+
+
+def _kept(seq_len: int, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+    """(S,) bool: the targets a packed loss counts, by hand: all but each non-empty document's
+    last token."""
+    kept = torch.ones(seq_len, dtype=torch.bool)
+    if cu_seqlens is not None:
+        kept[cu_seqlens[1:][cu_seqlens.diff() > 0] - 1] = False
+    return kept
 
 
 def _shard_order(seq_len: int, world: int, lay: str, degree: int) -> list[torch.Tensor]:
-    """Each rank's global positions: W x (S/W,)."""
+    """Each rank's global positions: W x (S_r,)."""
     return [
         layout.positions(seq_len, world=world, rank=r, layout=lay, ulysses=degree)
         for r in range(world)
     ]
 
 
-@settings(max_examples=20)
-@given(sharding(), st.integers(0, 10**6))
-def test_sharded_forward_reassembles_to_the_full_forward(case, seed):
+@settings(max_examples=30)
+@given(sharding(), st.data(), st.booleans(), st.integers(0, 10**6))
+def test_sharded_forward_reassembles_to_the_full_forward(case, data, per_document, seed):
     """The ranks' shards, run with their global positions and put back in order, == the full run.
 
     All shards go through one process side by side (full attention, masks and RoPE from the given
-    positions); local indices instead of global positions must break it, or the test proves nothing.
+    positions), for any S (uneven shards) and packed documents, RoPE global or per document; local
+    indices instead of global positions must break it, or the test proves nothing.
     """
     world, lay, degree, seq_len = case
-    model = TinyGPT(dataclasses.replace(CONFIG, seq_len=seq_len), seed=seed % 7)
+    cu_seqlens = data.draw(documents(seq_len))
+    config = dataclasses.replace(CONFIG, seq_len=seq_len, rope_per_document=per_document)
+    model = TinyGPT(config, seed=seed % 7)
     ids = torch.randint(
         0, CONFIG.vocab, (2, seq_len), generator=torch.Generator().manual_seed(seed)
     )
-    full = model.logits(ids)  # (B, S, vocab)
+    full = model.logits(ids, cu_seqlens=cu_seqlens)  # (B, S, vocab)
     order = _shard_order(seq_len, world, lay, degree)
     together = torch.cat(order)  # (S,) every rank's tokens, rank after rank
-    shards = model.logits(ids[:, together], positions=together).split(seq_len // world, dim=1)
+    sizes = [len(p) for p in order]
+    shards = model.logits(ids[:, together], positions=together, cu_seqlens=cu_seqlens)
     # float64, the same math on permuted rows: the design's float64 tolerance, 1e-10 relative
-    assert_close(layout.unshard(list(shards), layout=lay, ulysses=degree), full)
-    local = torch.cat([torch.arange(seq_len // world)] * world)
-    if world > 1:
+    assert_close(layout.unshard(list(shards.split(sizes, dim=1)), layout=lay, ulysses=degree), full)
+    local = torch.cat([torch.arange(size) for size in sizes])
+    if world > 1 and cu_seqlens is None:
         wrong = model.logits(ids[:, together], positions=local)
         assert relative_error(wrong, full[:, together]) > 1e-3  # positions matter, visibly
 
@@ -80,22 +107,74 @@ def test_rope_scores_depend_only_on_relative_position(query_pos, key_pos, shift,
     assert_close(score(query_pos + shift, key_pos + shift), score(query_pos, key_pos))
 
 
-@given(sharding(), st.integers(0, 10**6))
-def test_shard_losses_sum_to_the_full_mean(case, seed):
-    """Each shard's loss over the global count B·S; the shards' losses add up to the full mean."""
+@given(sharding(), st.data(), st.integers(0, 10**6))
+def test_shard_losses_sum_to_the_full_mean(case, data, seed):
+    """Each shard's loss over the global count of counted targets (B·S, or B·(S − N) for N packed
+    documents); the shards' losses add up to the mean over the counted targets."""
     world, lay, degree, seq_len = case
+    cu_seqlens = data.draw(documents(seq_len))
     (logits,) = tensors(seed, (2, seq_len, CONFIG.vocab))
     targets = torch.randint(
         0, CONFIG.vocab, (2, seq_len), generator=torch.Generator().manual_seed(seed)
     )
+    tokens = 2 * counted_per_sequence(seq_len, cu_seqlens)
     shares = [
-        local_loss(logits[:, pos], targets[:, pos], tokens=targets.numel())
+        local_loss(logits[:, pos], targets[:, pos], tokens, counted_targets(pos, cu_seqlens))
         for pos in _shard_order(seq_len, world, lay, degree)
     ]
+    kept = _kept(seq_len, cu_seqlens)
+    expected = F.cross_entropy(logits[:, kept].flatten(0, 1), targets[:, kept].flatten())
     # float64 sums of W partial sums vs one sum: rounding only
-    assert_close(
-        torch.stack(shares).sum(), F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    assert_close(torch.stack(shares).sum(), expected)
+
+
+@settings(max_examples=30)
+@given(st.integers(2, 24), st.data(), st.sampled_from(["full", "linear"]), st.booleans(),
+       st.integers(0, 10**6))  # fmt: skip
+def test_a_packed_document_is_its_own_sequence(seq_len, data, attention, per_document, seed):
+    """Packed with cu_seqlens, each document's logits == that document run alone (positions from
+    0), softmax (RoPE global or per document) and linear (state restarted); and the packed loss is
+    the mean over every target but each document's last (the next document's first token)."""
+    cu_seqlens = data.draw(documents(seq_len).filter(lambda cu: cu is not None))
+    per_document = per_document and attention == "full"
+    config = dataclasses.replace(CONFIG, attention=attention, rope_per_document=per_document)
+    model = TinyGPT(config, seed=seed % 7)
+    ids, targets = torch.randint(
+        0, CONFIG.vocab, (2, 2, seq_len), generator=torch.Generator().manual_seed(seed)
     )
+    packed = model.logits(ids, cu_seqlens=cu_seqlens)  # (B, S, vocab)
+    bounds = [(a, b) for a, b in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()) if b > a]
+    alone = torch.cat([model.logits(ids[:, a:b]) for a, b in bounds], dim=1)
+    # float64; with global RoPE the angles differ by each document's start, which cancels in q·k
+    # (RoPE is relative) up to rounding ~1e-15: the design's 1e-10 relative holds either way
+    assert_close(packed, alone)
+    kept = _kept(seq_len, cu_seqlens)  # alone holds the documents in order: the global positions
+    expected = F.cross_entropy(alone[:, kept].flatten(0, 1), targets[:, kept].flatten())
+    assert_close(model(ids, targets, cu_seqlens=cu_seqlens), expected)  # float64 rounding only
+
+
+def test_rope_per_document_turns_each_token_by_its_place_in_its_document():
+    """Positions RoPE uses, packed documents [0, 4), [4, 4) (empty), [4, 10): global, or from 0 in
+    each document; the loss skips the targets of positions 3 and 9, 8 of 10 are counted."""
+    cu_seqlens = torch.tensor([0, 4, 4, 10])
+    striped = torch.tensor([1, 3, 5, 7, 9])  # one rank's tokens, W=2 striped
+    assert torch.equal(rope_positions(striped, cu_seqlens, per_document=False), striped)
+    assert rope_positions(striped, cu_seqlens, per_document=True).tolist() == [1, 3, 1, 3, 5]
+    assert rope_positions(striped, None, per_document=True).tolist() == striped.tolist()
+    assert counted_targets(striped, cu_seqlens).tolist() == [True, False, True, True, False]
+    assert counted_per_sequence(10, cu_seqlens) == 8 and counted_targets(striped, None) is None
+    with pytest.raises(ValueError, match="no target is left"):
+        counted_per_sequence(3, torch.tensor([0, 1, 2, 3]))
+
+
+def test_packed_calls_that_cannot_work_raise_with_the_numbers():
+    """cu_seqlens that does not end at seq_len, or not at 0 first: ValueError naming both."""
+    model = TinyGPT(CONFIG)
+    ids = torch.zeros(1, 6, dtype=torch.long)
+    with pytest.raises(ValueError, match="end at S=5"):
+        model.logits(ids, seq_len=5, cu_seqlens=torch.tensor([0, 3, 6]))
+    with pytest.raises(ValueError, match="must start at 0"):
+        model.logits(ids, cu_seqlens=torch.tensor([1, 6]))
 
 
 def test_the_linear_decay_lies_in_the_open_unit_interval():
@@ -113,6 +192,7 @@ def test_the_linear_decay_lies_in_the_open_unit_interval():
         (dict(d_model=12, heads_q=4, heads_kv=2), "heads of even size"),
         (dict(heads_kv=3), "need Hq % Hkv == 0"),
         (dict(attention="flash"), "attention must be one of"),
+        (dict(attention="lasp", rope_per_document=True), "lasp has no RoPE"),
     ],
 )
 def test_bad_configs_raise_with_the_numbers(changes, message):

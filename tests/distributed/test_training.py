@@ -1,7 +1,8 @@
 """Training with SP × DP on 4 gloo processes == training the same model on one process.
 
 One launch runs one training step for every method on both grids (SP=2 × DP=2 and SP=4 × DP=1),
-plus DDP and FSDP2 variants; a second launch runs the training loop; a third the CLI.
+plus DDP and FSDP2 variants, plus packed documents and uneven S (W not dividing S); a second launch
+runs the training loop; a third and a fourth the CLI (the fourth packed, against its baseline).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, replace
 
+import pytest
 import torch
 
 from sptutor import launch, train
@@ -37,10 +39,18 @@ class StepCase:
     ulysses: int = 1
     sync: str = "average"
     explicit_positions: bool = False  # pass the layout's positions to the model by hand
+    seq_len: int = CONFIG.seq_len  # S; W need not divide it
+    documents: tuple[int, ...] | None = None  # cu_seqlens of packed documents
+    rope_per_document: bool = False
 
     @property
     def config(self) -> GPTConfig:
-        return replace(CONFIG, attention=self.method, layout=self.layout, ulysses=self.ulysses)
+        return replace(CONFIG, attention=self.method, layout=self.layout, ulysses=self.ulysses,
+                       seq_len=self.seq_len, rope_per_document=self.rope_per_document)  # fmt: skip
+
+    @property
+    def cu_seqlens(self) -> torch.Tensor | None:
+        return None if self.documents is None else torch.tensor(self.documents)
 
     @property
     def grid_key(self) -> tuple[int, int | None]:
@@ -64,11 +74,32 @@ CASES = [
     StepCase("ring", 2, "zigzag", explicit_positions=True),  # the loss share still counts W
 ]  # fmt: skip
 
+# Packed documents and uneven S. S=18 over SP=4 contiguous: shards [0,5) [5,10) [10,14) [14,18);
+# documents cut at 3 and 11 (inside shards) and at 5 and 10 (rank edges), one of them one token.
+EDGES = (0, 3, 5, 10, 11, 18)
+# S=15 over SP=2: zigzag chunks [0,4) [4,8) [8,12) [12,15) (rank 0 holds 0-3 and 12-14), striped
+# shards of 8 and 7 tokens; documents cut at 4 (a chunk edge), 6 and 13 (inside chunks)
+ODD = (0, 4, 6, 13, 15)
+PACKED_SOFTMAX = ("rsa", "ring", "ulysses", "usp", "lss")  # usp as U=2 (R=2 on SP=4, R=1 on 2)
+PACKED_LINEAR = ("lasp", "lasp2")
+U = {"usp": 2}
+PACKED_CASES = [
+    *(StepCase(m, 4, "contiguous", U.get(m, 1), seq_len=18, documents=EDGES,
+               rope_per_document=rope) for m in PACKED_SOFTMAX for rope in (False, True)),
+    *(StepCase(m, 2, lay, U.get(m, 1), seq_len=15, documents=ODD,
+               rope_per_document=lay == "zigzag")
+      for m in PACKED_SOFTMAX for lay in ("zigzag", "striped")),
+    *(StepCase(m, 4, "zigzag", U.get(m, 1), seq_len=19) for m in PACKED_SOFTMAX),  # one document
+    *(StepCase(m, 4, seq_len=18, documents=EDGES) for m in PACKED_LINEAR),
+    *(StepCase(m, 2, seq_len=15, documents=ODD) for m in PACKED_LINEAR),
+    *(StepCase(m, 4, seq_len=19) for m in PACKED_LINEAR),
+]  # fmt: skip
 
-def _global_batch(dp: int) -> tuple[torch.Tensor, torch.Tensor]:
+
+def _global_batch(dp: int, seq_len: int = CONFIG.seq_len) -> tuple[torch.Tensor, torch.Tensor]:
     """inputs, targets: (dp·B, S), targets the next tokens taken before sharding."""
     generator = torch.Generator().manual_seed(dp)
-    windows = torch.randint(0, CONFIG.vocab, (dp * REPLICA_BATCH, CONFIG.seq_len + 1),
+    windows = torch.randint(0, CONFIG.vocab, (dp * REPLICA_BATCH, seq_len + 1),
                             generator=generator)  # fmt: skip
     return windows[:, :-1], windows[:, 1:]
 
@@ -86,11 +117,12 @@ def _one_step(case: StepCase, grid) -> tuple[float, dict[str, torch.Tensor]]:
     """This rank's loss and full parameter gradients after one synced backward."""
     model = TinyGPT(case.config)
     wrapped = _wrap(model, grid, case.sync)
-    ids, targets = train.local_batch(*_global_batch(grid.dp), grid, case.config)
+    ids, targets = train.local_batch(*_global_batch(grid.dp, case.seq_len), grid, case.config)
     positions = None
     if case.explicit_positions:
         positions = sp_positions(case.config, ids.shape[1], group=grid.sp_group, mesh=grid.mesh)
-    loss = wrapped(ids, targets, group=grid.sp_group, mesh=grid.mesh, positions=positions)
+    loss = wrapped(ids, targets, group=grid.sp_group, mesh=grid.mesh, positions=positions,
+                   seq_len=case.seq_len, cu_seqlens=case.cu_seqlens)  # fmt: skip
     loss.backward()
     if case.sync == "average":
         average_gradients(model, grid)
@@ -111,28 +143,49 @@ def _steps_on_rank(rank: int, world: int, cases: list[StepCase]) -> list:
 def _baseline_step(case: StepCase) -> tuple[float, dict[str, torch.Tensor]]:
     """The same step on one process: full (or full linear) attention over the global batch."""
     model = TinyGPT(case.config.baseline())
-    loss = model(*_global_batch(WORLD // case.sp))
+    loss = model(*_global_batch(WORLD // case.sp, case.seq_len), cu_seqlens=case.cu_seqlens)
     loss.backward()
     return loss.item(), {name: p.grad for name, p in model.named_parameters()}
 
 
-def test_one_step_gradients_equal_the_single_process_step():
-    """Every method, SP=2×DP=2 and SP=4×DP=1, plain/DDP/FSDP2: gradients == one process's."""
-    results = launch.spawn(_steps_on_rank, WORLD, (CASES,))
+@pytest.fixture(scope="module")
+def step_results() -> dict[StepCase, list]:
+    """Every case's step on every rank (one launch for all): case -> W x (loss, gradients)."""
+    cases = CASES + PACKED_CASES
+    results = launch.spawn(_steps_on_rank, WORLD, (cases,))
+    return {case: [results[rank][i] for rank in range(WORLD)] for i, case in enumerate(cases)}
+
+
+def _check_against_the_baseline(cases: list[StepCase], step_results) -> None:
+    """Each case's loss and every rank's gradients == the single-process step's; prints the
+    largest relative error per case."""
     report = []
-    for index, case in enumerate(CASES):
+    for case in cases:
         expected_loss, expected = _baseline_step(case)
         # the ranks' losses are shares: summed over SP and averaged over DP they give the mean
-        total_loss = sum(results[rank][index][0] for rank in range(WORLD)) / (WORLD // case.sp)
+        total_loss = sum(loss for loss, _ in step_results[case]) / (WORLD // case.sp)
         assert abs(total_loss - expected_loss) <= 1e-10 * expected_loss, case
         worst = 0.0
-        for rank in range(WORLD):
-            for name, grad in results[rank][index][1].items():
+        for rank, (_, grads) in enumerate(step_results[case]):
+            for name, grad in grads.items():
                 # float64 on both sides, same math reordered: the design's float64 tolerance
                 error = assert_close(grad, expected[name], what=f"{case} rank {rank} {name}")
                 worst = max(worst, error)
-        report.append(f"{case.method:8} sp={case.sp} {case.layout:10} {case.sync:12} {worst:.1e}")
+        packed = f"S={case.seq_len} docs={case.documents} rope/doc={case.rope_per_document}"
+        report.append(f"{case.method:8} sp={case.sp} {case.layout:10} {case.sync:12} {packed} "
+                      f"{worst:.1e}")  # fmt: skip
     print("\n" + "\n".join(report))
+
+
+def test_one_step_gradients_equal_the_single_process_step(step_results):
+    """Every method, SP=2×DP=2 and SP=4×DP=1, plain/DDP/FSDP2: gradients == one process's."""
+    _check_against_the_baseline(CASES, step_results)
+
+
+def test_packed_documents_and_uneven_shards_step_like_one_process(step_results):
+    """cu_seqlens cut inside shards and at rank edges, W not dividing S, RoPE global or per
+    document, softmax and linear methods: loss and every gradient == the single-process step."""
+    _check_against_the_baseline(PACKED_CASES, step_results)
 
 
 def test_usp_training_loop_matches_the_single_process_loss_curve():
@@ -160,3 +213,22 @@ def test_cli_trains_lss_and_prints_a_falling_loss_per_step():
     assert [int(step) for step, _ in lines] == [1, 2, 3], done.stdout
     losses = [float(loss) for _, loss in lines]
     assert losses[-1] < losses[0], losses  # AdamW at lr 3e-3 from a random init: falls at once
+
+
+def test_cli_packs_documents_and_trains_like_one_process():
+    """`sptutor train --pack-documents 3` on an uneven S=31 (SP=2 zigzag × DP=2), float64, with
+    --baseline: it says what it packed, and the loss curve is the single-process one."""
+    command = [sys.executable, "-m", "sptutor.cli", "train", "--method", "ring", "--world", "4",
+               "--dp", "2", "--layout", "zigzag", "--seq-len", "31", "--pack-documents", "3",
+               "--steps", "3", "--dtype", "float64", "--d-model", "32", "--baseline"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    offsets = train.document_offsets(train.TrainConfig(seq_len=31, pack_documents=3), 0)
+    assert "3 documents packed per sequence" in done.stdout, done.stdout
+    assert f"step 1: cu_seqlens={offsets.tolist()}" in done.stdout, done.stdout
+    assert "not counted (3 of S=31 per sequence)" in done.stdout, done.stdout
+    worst = re.search(r"largest relative difference from the baseline over 3 steps: (\S+)",
+                      done.stdout)  # fmt: skip
+    # float64, identical updates from identical gradients: the design's 1e-10 relative, per step
+    assert worst and float(worst.group(1)) <= 1e-10, done.stdout
