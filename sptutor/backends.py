@@ -110,8 +110,8 @@ def sequence_length(
     """The global S this rank's call describes, checked against its own shard of ``tokens``.
 
     S is ``cu_seqlens[-1]`` with packed documents, else ``seq_len``, else ``W * tokens`` (equal
-    shards). A shard cannot tell S alone when W does not divide S (rank 1 of 4 holds 3 tokens
-    for S = 12, 13 or 14), so uneven shards need ``seq_len`` or ``cu_seqlens``; the ranks'
+    shards). A shard cannot tell S alone when W does not divide S (the last of 4 ranks holds
+    3 tokens for S = 12, 13, 14 or 15), so uneven shards need ``seq_len`` or ``cu_seqlens``; the ranks'
     agreement check then catches a rank that assumed otherwise. ValueError with the numbers.
     """
     if cu_seqlens is not None:
@@ -173,11 +173,25 @@ def attention_backward(
     )
 
 
-def linear_local_forward(backend: str, q, k, v, decay, needs_state: bool):
+def linear_local_forward(backend: str, q, k, v, decay, needs_state: bool, segments=None):
     """A chunk's work that waits for nobody (LASP): the intra-chunk output ``[(QK^T)⊙M]V``
     (B, C, Hq, D) and, if ``needs_state``, its local state ``sum_i decay^(C-1-i) k_i^T v_i``
     (B, Hq, D, D) — on triton one fused kernel (the chunk with no incoming state), on torch in
-    sub-chunks of ``chunks.SUB_CHUNK`` tokens (memory O(C·D + D²), time linear in C)."""
+    sub-chunks of ``chunks.SUB_CHUNK`` tokens (memory O(C·D + D²), time linear in C).
+
+    ``segments``: the chunk's runs of one document (slices, in order; default the whole chunk,
+    see ``sptutor.chain``): each is a chunk of its own, and the local state is the last one's."""
+    segments = segments or (slice(0, q.shape[1]),)
+    outs, local = [], None
+    for n, part in enumerate(segments):
+        needed = needs_state and n == len(segments) - 1  # the outgoing state is the last one's
+        out, local = _segment_forward(backend, q[:, part], k[:, part], v[:, part], decay, needed)
+        outs.append(out)  # (B, C_s, Hq, D)
+    return _join(outs), local
+
+
+def _segment_forward(backend: str, q, k, v, decay, needs_state: bool):
+    """:func:`linear_local_forward` of one segment of one document (shapes as there)."""
     if backend == "triton":
         acc = blocks.accumulation_dtype(q.dtype)
         out, local = _kernels().linear_attention_forward(q, k, v, decay=decay, out_dtype=acc)
@@ -187,11 +201,35 @@ def linear_local_forward(backend: str, q, k, v, decay, needs_state: bool):
     return out, local
 
 
-def linear_local_backward(backend: str, dout, q, k, v, state_in, decay, needs_dstate: bool):
+def linear_local_backward(
+    backend: str, dout, q, k, v, state_in, decay, needs_dstate: bool, segments=None, reads=True
+):
     """Gradients that wait for nobody: intra-chunk dq, dk, dv, dq through the cached
     ``state_in`` (or None), and if ``needs_dstate`` the local ``sum_i decay^(i+1) q_i^T dO_i``.
     Returns dq: (B, C, Hq, D), dk, dv: (B, C, Hkv, D), local_dstate: (B, Hq, D, D) or None.
-    On torch the intra part runs in sub-chunks, as forward."""
+    On torch the intra part runs in sub-chunks, as forward.
+
+    ``segments`` as in :func:`linear_local_forward`: ``state_in`` is the first one's, and so is
+    the local dKV (i runs over its tokens) if it ``reads`` the incoming state; a chunk whose
+    first token starts a document never saw that state, so its local dKV is zero."""
+    segments = segments or (slice(0, q.shape[1]),)
+    grads = []
+    for n, part in enumerate(segments):  # only the first segment ever reads state_in
+        grads.append(_segment_backward(
+            backend, dout[:, part], q[:, part], k[:, part], v[:, part],
+            state_in if n == 0 else None, decay, needs_dstate and n == 0 and reads,
+        ))  # fmt: skip
+    dq, dk, dv = (_join([g[n] for g in grads]) for n in range(3))
+    local_dstate = grads[0][3]
+    if needs_dstate and not reads:  # nothing of this chunk read the state: no gradient flows
+        batch, _, heads_q, head_dim = q.shape
+        acc = blocks.accumulation_dtype(q.dtype)
+        local_dstate = q.new_zeros((batch, heads_q, head_dim, head_dim), dtype=acc)
+    return dq, dk, dv, local_dstate
+
+
+def _segment_backward(backend: str, dout, q, k, v, state_in, decay, needs_dstate: bool):
+    """:func:`linear_local_backward` of one segment of one document (shapes as there)."""
     if backend == "triton":  # dstate_out=None: the later chunks' dKV is added when it arrives
         dq, dk, dv, local_dstate = _kernels().linear_attention_backward(
             dout, q, k, v, state=state_in, decay=decay,
@@ -203,3 +241,8 @@ def linear_local_backward(backend: str, dout, q, k, v, state_in, decay, needs_ds
         dq = dq + chunks.readout_backward(dout, state_in, decay)
     local_dstate = chunks.local_dstate(q, dout, decay) if needs_dstate else None
     return dq, dk, dv, local_dstate
+
+
+def _join(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Segments' (B, C_s, H, D) results back into the chunk's (B, C, H, D), no copy for one."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
