@@ -18,9 +18,17 @@ CASES = [
          decay=(0.9, 0.8), backend="triton"),
     Case("lasp2", PAIR, "contiguous", True, 1, 6, 2, 2, 4, "float32", seed=7,
          decay=(0.95, 0.7), backend="triton"),
+    # packed documents (document ids reach the kernels) and uneven shards
+    Case("ring", ALL, "zigzag", True, 1, 18, 2, 1, 8, "float64", seed=8, backend="triton",
+         cu_seqlens=(0, 3, 9, 18)),
+    Case("ulysses", PAIR, "contiguous", False, 1, 7, 2, 1, 4, "float32", seed=9,
+         backend="triton", cu_seqlens=(0, 4, 7)),
+    Case("lasp", ALL, "contiguous", True, 1, 13, 2, 1, 4, "float64", seed=10,
+         decay=(0.9, 0.8), backend="triton", cu_seqlens=(0, 5, 6, 13)),
 ]  # fmt: skip
 
 
 def test_methods_on_the_triton_backend_match_the_oracle():
-    """ring, usp, ulysses, lss, lasp, lasp2 on Triton kernels == oracle (shards, ledger, bytes)."""
+    """ring, usp, ulysses, lss, lasp, lasp2 on Triton kernels == oracle (shards, ledger, bytes),
+    with packed documents and uneven shards too."""
     assert_real_matches_oracle(CASES)
