@@ -48,6 +48,8 @@ TRAIN_HELP = {
     "seed": "seed of the weights and of the batches",
     "pack_documents": "pack N documents into each sequence, cut anew each step from the seed "
     "(attention stays inside a document; a document's last token predicts nothing); 0: no packing",
+    "rope_per_document": "RoPE angles from each token's position inside its document, not its "
+    "global position (softmax methods)",
 }
 CHOICES = {"method": train.METHODS, "layout": layout.LAYOUTS, "dtype": ("float32", "float64")}
 TRACE_HELP = {
@@ -55,11 +57,14 @@ TRACE_HELP = {
     "layout": "how the sequence is cut over the ranks (lasp, lasp2: contiguous only)",
     "causal": "causal mask (default: off, as in oracle.simulate)",
     "ulysses": "usp only: Ulysses degree U of its U x R mesh (default: 2)",
-    "seq_len": "sequence length S",
+    "seq_len": "sequence length S, any S >= W (zigzag: S >= 2W; shards then differ by one token) "
+    "(default: 16, or the last offset of --cu-seqlens)",
     "heads_q": "query heads Hq",
     "heads_kv": "key/value heads Hkv, dividing Hq",
     "head_dim": "head size D",
     "forward_only": "no backward: the forward's events only",
+    "cu_seqlens": "packed documents: their global offsets, comma-separated, 0 first and S last, "
+    "e.g. 0,5,17,32 (a query sees only keys of its own document)",
 }
 BENCHMARKS = {
     "kernels": "Triton kernels vs PyTorch's fused attention (GPU)",
@@ -138,13 +143,18 @@ def _add_trace_parser(commands) -> argparse.ArgumentParser:
         "trace", help="show one simulated call's schedule: who sends what to whom, who computes",
         description="Simulate one call of a method on small float64 inputs (the oracle) and print "
         "its schedule: per rank and phase, each message with its bytes and each block computed "
-        "with its useful multiply-adds; or, with --out, draw it into a PNG or SVG file.",
+        "with its useful multiply-adds; or, with --out, draw it into a PNG or SVG file. With "
+        "--cu-seqlens the documents are packed: it also shows which documents each rank holds, "
+        "the blocks skipped because they share none, and the useful work per rank.",
     )  # fmt: skip
     command.add_argument("method", choices=METHODS, help="the method to trace")
     for field in dataclasses.fields(trace.TraceConfig)[1:]:
         flag = "--" + field.name.replace("_", "-")
         if field.type == "bool":
             command.add_argument(flag, action="store_true", help=TRACE_HELP[field.name])
+            continue
+        if field.name == "cu_seqlens":  # parsed in _trace, so that a bad list reads like the rest
+            command.add_argument(flag, metavar="OFFSETS", help=TRACE_HELP[field.name])
             continue
         known = field.default is not None
         command.add_argument(
@@ -165,8 +175,10 @@ def _trace(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from sptutor import trace
 
     options = {k: v for k, v in vars(args).items() if k not in ("command", "out")}
-    config = trace.TraceConfig(**options)
     try:
+        if options["cu_seqlens"] is not None:
+            options["cu_seqlens"] = trace.parse_cu_seqlens(options["cu_seqlens"])
+        config = trace.TraceConfig(**options)
         trace.check_out(args.out)
         config.check()
     except ValueError as error:
@@ -221,6 +233,10 @@ def _add_train_parser(commands) -> argparse.ArgumentParser:
         "sequence-parallel method on W = sp * dp CPU processes; rank 0 prints the loss per step.",
     )  # fmt: skip
     for field in dataclasses.fields(train.TrainConfig):
+        if field.type == "bool":
+            flag, about = "--" + field.name.replace("_", "-"), TRAIN_HELP[field.name]
+            command.add_argument(flag, action="store_true", help=about + " (default: %(default)s)")
+            continue
         known = field.default is not None  # sp, dp, ulysses: derived, said in their help
         command.add_argument(
             "--" + field.name.replace("_", "-"), default=field.default,

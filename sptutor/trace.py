@@ -4,12 +4,16 @@ The oracle runs the call on small seeded float64 inputs and logs every event of 
 each rank sends to whom (bytes), which collective it joins (bytes it puts on the wire), which
 block it computes (useful multiply-adds). The terminal gets one table per phase, a row per rank
 and a column per event in that rank's own order; ``--out`` draws ``sptutor.plots.for_simulation``
-into a PNG or SVG file instead.
+into a PNG or SVG file instead. Any S >= W works (shards then differ by one token), and
+``cu_seqlens`` packs documents: the trace then shows which documents each rank holds, which K/V
+blocks no rank computes because no query shares a document with their keys, and the useful work
+per rank next to the same call on one document.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -23,21 +27,39 @@ SIZES = ("world", "seq_len", "heads_q", "heads_kv", "head_dim")
 SUFFIXES = (".png", ".svg")
 
 
+DEFAULT_SEQ_LEN = 16
+
+
 @dataclass(frozen=True)
 class TraceConfig:
     """One call to trace: the method, W ranks, the layout, (B=1, S, Hq, Hkv, D) float64 inputs;
-    ``ulysses`` is usp's U (default 2); ``forward_only`` leaves the backward out."""
+    ``ulysses`` is usp's U (default 2); ``forward_only`` leaves the backward out. ``cu_seqlens``:
+    the (N+1,) global offsets of packed documents (0 first, S last); ``seq_len`` S defaults to
+    its last offset (16 without documents) and, when given too, must equal it."""
 
     method: str
     world: int = 4
     layout: str = "contiguous"
     causal: bool = False
     ulysses: int | None = None
-    seq_len: int = 16
+    seq_len: int | None = None
     heads_q: int = 4
     heads_kv: int = 2
     head_dim: int = 8
     forward_only: bool = False
+    cu_seqlens: tuple[int, ...] | None = None
+
+    @property
+    def length(self) -> int:
+        """S: ``seq_len`` if given, else the last offset of ``cu_seqlens``, else 16."""
+        if self.seq_len is not None:
+            return self.seq_len
+        return self.cu_seqlens[-1] if self.cu_seqlens else DEFAULT_SEQ_LEN
+
+    @property
+    def offsets(self) -> torch.Tensor | None:
+        """``cu_seqlens`` as the LongTensor (N+1,) the oracle takes, or None."""
+        return None if self.cu_seqlens is None else torch.tensor(self.cu_seqlens, dtype=torch.long)
 
     @property
     def degree(self) -> int | None:
@@ -67,13 +89,32 @@ class TraceConfig:
             checks.check_ulysses_heads(self.heads_q, self.heads_kv, heads_split_over)
         if self.method in LINEAR_METHODS:
             checks.check_linear_layout(self.layout)
-        layout.check_layout(self.seq_len, world=self.world, layout=self.layout,
+        if self.cu_seqlens is not None:
+            last = self.cu_seqlens[-1] if self.cu_seqlens else None
+            if self.seq_len is not None and last is not None and last != self.seq_len:
+                raise ValueError(
+                    f"seq_len={self.seq_len} but cu_seqlens ends at {last}: its last offset is S "
+                    f"(leave seq_len out, or give the same S)"
+                )
+            layout.check_cu_seqlens(self.offsets, self.length)
+        layout.check_layout(self.length, world=self.world, layout=self.layout,
                             ulysses=self.degree or 1)  # fmt: skip
 
     @property
     def shape(self) -> cost.Shape:
-        return cost.Shape(1, self.seq_len, self.heads_q, self.heads_kv, self.head_dim,
+        return cost.Shape(1, self.length, self.heads_q, self.heads_kv, self.head_dim,
                           torch.float64)  # fmt: skip
+
+
+def parse_cu_seqlens(text: str) -> tuple[int, ...]:
+    """``"0,5,17,32"`` -> ``(0, 5, 17, 32)``; ValueError unless comma-separated integers (whether
+    they make documents is :meth:`TraceConfig.check`'s to say)."""
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(
+            f"--cu-seqlens must be comma-separated integers such as 0,5,17,32, got {text!r}"
+        ) from None
 
 
 def check_out(path: Path | None) -> None:
@@ -89,9 +130,15 @@ def simulate(config: TraceConfig):
 
     config.check()
     q, k, v, dout = inputs(config.shape)
+    packed = {} if config.cu_seqlens is None else {"cu_seqlens": config.offsets}
     return oracle.simulate(config.method, q, k, v, None if config.forward_only else dout,
                            world=config.world, causal=config.causal, layout=config.layout,
-                           ulysses=config.degree)  # fmt: skip
+                           ulysses=config.degree, **packed)  # fmt: skip
+
+
+def one_document(config: TraceConfig) -> TraceConfig:
+    """The same call without packing: one document of the same S tokens."""
+    return replace(config, seq_len=config.length, cu_seqlens=None)
 
 
 def describe_event(event: CommEvent, world: int) -> str:
@@ -127,20 +174,74 @@ def token_runs(positions: torch.Tensor) -> str:
     return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
+def document_runs(positions: torch.Tensor, cu_seqlens: torch.Tensor) -> str:
+    """A rank's tokens by document: positions (S_r,), cu_seqlens (N+1,) -> ``d0 0-4; d1 5-7``."""
+    docs = layout.document_ids(cu_seqlens, positions)  # (S_r,)
+    return "; ".join(f"d{n} {token_runs(positions[docs == n])}" for n in docs.unique().tolist())
+
+
 def title(sim) -> str:
-    """``ring on W=4 ranks, contiguous layout, causal; B=1 S=16 Hq=4 Hkv=2 D=8 float64``."""
+    """``ring on W=4 ranks, contiguous layout, causal; B=1 S=16 Hq=4 Hkv=2 D=8 float64`` (and
+    ``; 3 packed documents``)."""
     batch, seq_len, heads_q, heads_kv, head_dim = sim.shape
     mesh = f" (U={sim.ulysses} x R={sim.world // sim.ulysses})" if sim.method == "usp" else ""
     mask = "causal" if sim.causal else "not causal"
+    count = None if sim.cu_seqlens is None else len(sim.cu_seqlens) - 1
+    packed = "" if count is None else f"; {count} packed document{'s' * (count != 1)}"
     return (f"{sim.method} on W={sim.world} ranks{mesh}, {sim.layout} layout, {mask}; "
-            f"B={batch} S={seq_len} Hq={heads_q} Hkv={heads_kv} D={head_dim} float64")  # fmt: skip
+            f"B={batch} S={seq_len} Hq={heads_q} Hkv={heads_kv} D={head_dim} float64"
+            f"{packed}")  # fmt: skip
+
+
+def block_rows(sim) -> list[list]:
+    """Per rank (ring family): the K/V blocks it computes in the forward, and those it skips, by
+    reason (``plots._blocks.skip_reason``): causal, no shared document, otherwise not computed."""
+    from sptutor.plots import _blocks
+
+    computed, rows = _blocks.forward_macs(sim), []
+    reasons = {(r, b): _blocks.skip_reason(sim, r, b) for r, b in _blocks.skipped(sim)}
+    for rank in range(sim.world):
+        mine = [b for r, b in _blocks.candidates(sim) if r == rank]
+        cells = [[b for b in mine if (rank, b) in computed]]
+        cells += [[b for b in mine if reasons.get((rank, b)) == why] for why in _blocks.REASONS]
+        rows.append([rank, *(",".join(map(str, c)) or "-" for c in cells)])
+    return rows
+
+
+def _show_documents(sim) -> None:
+    offsets = sim.cu_seqlens.tolist()
+    lengths = ", ".join(str(b - a) for a, b in itertools.pairwise(offsets))
+    rows = [[rank, token_runs(p), document_runs(p, sim.cu_seqlens)]
+            for rank, p in enumerate(sim.positions)]  # fmt: skip
+    console.table(rows, ("rank", "tokens", "tokens by document (d<n>: document n)"),
+                  title=f"documents: cu_seqlens = {','.join(map(str, offsets))}",
+                  notes=(f"{len(offsets) - 1} documents of {lengths} tokens; a query sees only "
+                         "keys of its own document.",))  # fmt: skip
+
+
+def _show_blocks(sim) -> None:
+    rows = block_rows(sim)
+    columns = ["rank", "computes", "skips: causal", "skips: no shared document", "skips, visible!"]
+    keep = [i for i in range(len(columns)) if i < 3 or any(row[i] != "-" for row in rows)]
+    if sim.cu_seqlens is not None:
+        keep = sorted({*keep, 3})
+    notes = ["a block is skipped when none of its (query, key) pairs is visible: no compute event."]
+    notes += ["usp: a rank's blocks are those of its ring group."] * (sim.ulysses > 1)
+    console.table([[row[i] for i in keep] for row in rows], [columns[i] for i in keep],
+                  title="K/V blocks each rank computes in the forward (backward: the same)",
+                  notes=notes)  # fmt: skip
 
 
 EVENTS_PER_TABLE = 3  # event cells are up to ~28 characters wide
 
 
-def show(sim) -> None:
-    """Print the call's schedule, one table per phase, and each rank's totals."""
+def show(sim, baseline=None) -> None:
+    """Print the call's schedule, one table per phase, each rank's documents (packed), the K/V
+    blocks each rank computes or skips (ring family), and each rank's totals; ``baseline``: the
+    same call on one document, whose useful work the totals compare."""
+    from sptutor.plots._blocks import BLOCK_METHODS
+    from sptutor.plots.costs import busiest_over_idlest
+
     console.say(title(sim))
     for phase in PHASES:
         lanes = schedule_rows(sim, phase)
@@ -155,28 +256,40 @@ def show(sim) -> None:
             columns = ("rank", *(f"event {i}" for i in range(first + 1, last + 1)))
             console.table(rows, columns, title=f"{phase}, events {first + 1}-{last} of {width}:"
                           " each rank's events in its own order")  # fmt: skip
+    if sim.cu_seqlens is not None:
+        _show_documents(sim)
+    if sim.method in BLOCK_METHODS:
+        _show_blocks(sim)
     totals = [(rank, token_runs(sim.positions[rank]), sim.ledger.bytes_sent(rank, "forward"),
                sim.ledger.bytes_sent(rank, "backward"), record.saved_bytes,
                sim.ledger.macs(rank)) for rank, record in enumerate(sim.ranks)]  # fmt: skip
     legend = "B: bytes put on the wire (sent) or kept for backward (saved); MACs: useful work."
+    ratios = [busiest_over_idlest([s.ledger.macs(r) for r in range(s.world)])
+              for s in (sim, baseline) if s is not None]  # fmt: skip
+    balance = f"useful MACs, busiest / idlest rank: {ratios[0]}"
+    if baseline is not None:
+        balance += f" (the same call on one document: {ratios[1]})"
     console.table(totals, ("rank", "tokens", "fwd B", "bwd B", "saved B", "useful MACs"),
-                  title="per rank", notes=(legend,))  # fmt: skip
+                  title="per rank", notes=(legend, balance))  # fmt: skip
 
 
-def draw(sim, path: Path) -> None:
-    """Write ``plots.for_simulation(sim)`` to ``path`` (.png or .svg), on the Agg backend."""
+def draw(sim, path: Path, baseline=None) -> None:
+    """Write ``plots.for_simulation(sim, baseline=baseline)`` to ``path`` (.png or .svg), on the
+    Agg backend."""
     from sptutor import plots
 
-    console.save_figure(lambda: plots.for_simulation(sim), path)
+    console.save_figure(lambda: plots.for_simulation(sim, baseline=baseline), path)
     console.say(f"wrote {path}", style="green")
 
 
 def run(config: TraceConfig, out: Path | None = None) -> int:
-    """Check, simulate, then print the schedule or (with ``out``) draw it. Returns 0."""
+    """Check, simulate (packed documents: also on one document, to compare the useful work),
+    then print the schedule or (with ``out``) draw it. Returns 0."""
     check_out(out)
     sim = simulate(config)
+    baseline = None if config.cu_seqlens is None else simulate(one_document(config))
     if out is None:
-        show(sim)
+        show(sim, baseline)
     else:
-        draw(sim, out)
+        draw(sim, out, baseline)
     return 0

@@ -151,7 +151,7 @@ def test_out_is_refused_for_the_timing_benchmarks_that_write_nothing(capsys):
         cli.main(["bench", "lasp", "--out", "somewhere"])
     assert exited.value.code == 2
     assert capsys.readouterr().err == (
-        "sptutor bench: error: --out is for comm, memory, balance and time, not lasp\n"
+        "sptutor bench: error: --out is for comm, memory, balance, packed and time, not lasp\n"
     )
 
 

@@ -13,6 +13,7 @@ matplotlib.use("Agg")  # no display in CI; the library itself never picks a back
 import matplotlib.image as mpimg
 import numpy as np
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from matplotlib import pyplot as plt
@@ -310,6 +311,9 @@ def _every_picture():
         ("state_chain", lambda ax: plots.state_chain(_simulate("lasp2"), ax=ax)),
         ("cost_curves", lambda ax: plots.cost_curves(rows, x="world", y="saved", ax=ax)),
         ("balance", lambda ax: plots.balance(balance, ax=ax)),
+        ("block_work", lambda ax: plots.block_work(_packed("ring"), ax=ax)),
+        ("useful_work", lambda ax: plots.useful_work(_packed("ring"), ax=ax)),
+        ("uneven", lambda ax: plots.ownership(_simulate("ring", seq_len=10), ax=ax)),
     ]
 
 
@@ -341,6 +345,109 @@ def test_for_simulation_puts_the_methods_own_pictures_under_the_schedule():
     fig = plots.for_simulation(_simulate("lasp"))
     assert len(fig.axes) == 2
     assert any(p.get_gid() == "send:forward:0:2" for p in fig.axes[1].patches)
+    plt.close(fig)
+
+
+def _packed(method, layout="zigzag", causal=True, offsets=(0, 5, 17, 32)):
+    """A call on packed documents (``offsets``: cu_seqlens; S is the last), W = 4."""
+    q, k, v, dout = attention_inputs(0, 1, offsets[-1], 4, 2, 3)
+    return oracle.simulate(
+        method, q, k, v, dout, world=4, causal=causal,
+        layout="contiguous" if method in LINEAR_METHODS else layout,
+        ulysses=2 if method == "usp" else None, cu_seqlens=torch.tensor(offsets),
+    )  # fmt: skip
+
+
+def _documents(offsets, seq_len):
+    """(S,) the document of each token, the slow way."""
+    return np.array([sum(1 for o in offsets[1:] if o <= t) for t in range(seq_len)])
+
+
+PACKED_CASES = [
+    ("ring", "contiguous", True, (0, 5, 17, 32)),
+    ("ring", "zigzag", True, (0, 5, 17, 32)),
+    ("ring", "striped", False, (0, 3, 3, 11, 19)),
+    ("lss", "contiguous", True, (0, 9, 10, 22)),
+    ("rsa", "striped", True, (0, 7, 13)),
+    ("usp", "zigzag", True, (0, 5, 17, 32)),
+]
+
+
+@pytest.mark.parametrize("method, layout, causal, offsets", PACKED_CASES)
+def test_packed_ownership_and_block_work_show_documents_and_skipped_blocks(
+    method, layout, causal, offsets
+):
+    """ownership: cells across documents are blank, a line at each document's first token, the
+    skipped blocks' tiles hatched. block_work: each (rank, block) cell holds its forward MACs
+    (shade macs/max), or says why it is skipped; skipped = no visible pair = no compute event."""
+    sim = _packed(method, layout, causal, offsets)
+    seq_len, degree = offsets[-1], sim.ulysses
+    owner = np.empty(seq_len, dtype=int)
+    for rank, positions in enumerate(sim.positions):
+        owner[positions.numpy()] = rank
+    docs = _documents(offsets, seq_len)
+    seen = (docs[:, None] == docs[None, :]) & (np.tri(seq_len, dtype=bool) if causal else True)
+    tokens = [np.flatnonzero(owner // degree == r // degree) for r in range(4)]  # group's tokens
+    macs = defaultdict(int)
+    for e in sim.ledger.events:
+        if e.op == "compute" and e.phase == "forward":
+            macs[(e.rank, e.block)] += e.macs
+    pairs = [(r, b) for r in range(4) for b in range(4) if r % degree == b % degree]
+    blank = {p for p in pairs if not seen[np.ix_(tokens[p[0]], tokens[p[1]])].any()}
+    assert blank == {p for p in pairs if p not in macs}  # skipped = no visible pair
+    fig = plots.ownership(sim)
+    ax = fig.axes[0]
+    (image,) = [im for im in ax.images if im.get_gid() == "ownership"]
+    drawn = np.ma.filled(np.ma.masked_invalid(image.get_array()).astype(float), np.nan)
+    np.testing.assert_array_equal(drawn, np.where(seen, owner[:, None], np.nan))
+    hatched = {tuple(map(int, p.get_gid().split(":")[1:3])) for p in ax.patches
+               if (p.get_gid() or "").startswith("skipped:")}  # fmt: skip
+    assert {(r // degree, b // degree) for r, b in hatched} == {
+        (r // degree, b // degree) for r, b in blank}  # fmt: skip
+    lines = {line.get_gid() for line in ax.lines if (line.get_gid() or "").startswith("document")}
+    inner = {o for o in offsets if 0 < o < seq_len}
+    assert lines == {f"document{kind}:{o}" for o in inner for kind in ("", "-row")}
+    plt.close(fig)
+    fig = plots.block_work(sim)
+    cells = {p.get_gid(): p for p in fig.axes[0].patches if (p.get_gid() or "").startswith("block")}
+    assert len(cells) == 16
+    most = max(macs.values())
+    for r, b in pairs:
+        cell = cells[f"block:{r}:{b}"]
+        if (r, b) in blank:
+            queries, keys = tokens[r], tokens[b]
+            causal_only = causal and not (queries[:, None] >= keys[None, :]).any()
+            assert cell.get_label() == f"skipped: {'causal' if causal_only else 'documents'}"
+        else:
+            assert cell.get_label() == f"{macs[(r, b)]} MACs"
+            assert cell.get_facecolor()[3] == pytest.approx(macs[(r, b)] / most)
+    assert all(cells[f"block:{r}:{b}"].get_label() == "other ring"
+               for r in range(4) for b in range(4) if (r, b) not in pairs)  # fmt: skip
+    plt.close(fig)
+
+
+def test_for_simulation_of_packed_documents_adds_the_blocks_and_the_useful_work():
+    """Packed: ring gets block_work and useful_work under its schedule and ownership, the bars
+    each rank's MACs packed and on one document; ulysses' heads and lasp's boxes show documents."""
+    sim, baseline = _packed("ring"), _simulate("ring", seq_len=32)
+    fig = plots.for_simulation(sim, baseline=baseline)
+    assert [ax.get_title().split()[0] for ax in fig.axes] == [
+        "Schedule:", "Who", "Useful", "Useful"]  # fmt: skip
+    bars = {p.get_gid(): p.get_height() for p in fig.axes[3].patches if p.get_gid()}
+    assert bars == {
+        **{f"balance:3 packed documents:{r}": sim.ledger.macs(r) for r in range(4)},
+        **{f"balance:one document (no packing):{r}": baseline.ledger.macs(r) for r in range(4)},
+    }
+    plt.close(fig)
+    fig = plots.heads_and_tokens(_packed("ulysses"))
+    gids = [line.get_gid() for line in fig.axes[0].lines if line.get_gid()]
+    assert sorted(gids) == [
+        f"document:{p}:{panel}" for p in (17, 5) for panel in ("after", "before")
+    ]
+    plt.close(fig)
+    fig = plots.state_chain(_packed("lasp", causal=True))
+    boxes = [t.get_text() for t in fig.axes[0].texts if t.get_text().startswith("rank")]
+    assert [box.split("\n")[-1] for box in boxes] == ["docs 0,1", "docs 1", "docs 1,2", "docs 2"]
     plt.close(fig)
 
 

@@ -29,6 +29,8 @@ OP_NAMES = {
 BAND_COLOUR = "0.9"
 BAND_EDGE = "0.6"  # the hatch is drawn in the edge colour: light, so the labels read
 MASKED_COLOUR = "white"
+DOCUMENT_COLOUR = "0.1"  # document boundaries: dark lines over the rank colours
+SKIPPED_HATCH = "////"  # a block with no visible pair, hence no compute event
 
 
 def rank_colour(rank: int, world: int) -> tuple[float, float, float, float]:
@@ -75,7 +77,48 @@ def describe(sim: Any) -> str:
     parts += [sim.layout, "causal" if sim.causal else "not causal"]
     batch, seq_len, heads_q, heads_kv, head_dim = sim.shape
     parts.append(f"B={batch} S={seq_len} Hq={heads_q} Hkv={heads_kv} D={head_dim}")
+    offsets = getattr(sim, "cu_seqlens", None)
+    if offsets is not None:
+        count = len(offsets) - 1
+        parts.append(f"{count} packed document{'s' * (count != 1)}")
     return " · ".join(parts)
+
+
+def documents(sim: Any) -> np.ndarray | None:
+    """(S,) int array: the document of each global token (from ``sim.cu_seqlens``, (N+1,)
+    offsets), or None when the call has one document."""
+    offsets = getattr(sim, "cu_seqlens", None)
+    if offsets is None:
+        return None
+    cuts = np.asarray(offsets.detach().cpu().tolist(), dtype=int)
+    return np.searchsorted(cuts, np.arange(sim.shape[1]), side="right") - 1
+
+
+def boundaries(sim: Any) -> list[int]:
+    """The global positions where a new document starts, 0 and S left out (none for one
+    document): a boundary at p lies between tokens p-1 and p."""
+    offsets = getattr(sim, "cu_seqlens", None)
+    if offsets is None:
+        return []
+    return sorted({int(p) for p in offsets.tolist() if 0 < int(p) < sim.shape[1]})
+
+
+def draw_boundaries(
+    ax: Axes, sim: Any, *, rows: bool, span: tuple[float, float] | None = None, tag: str = ""
+) -> None:
+    """Dark lines between documents, along the token axis x (and y too when ``rows``): each a
+    ``Line2D`` with gid ``"document:<p><tag>"`` (``"document-row:<p><tag>"`` across), p its first
+    token (``tag`` keeps SVG ids unique when one axes draws them twice). ``span``: (low, high)
+    of the other axis the vertical lines cover (None: all of it)."""
+    style = {"color": DOCUMENT_COLOUR, "linewidth": 1.6, "zorder": 3}
+    for first in boundaries(sim):
+        where = first - 0.5
+        if span is None:
+            ax.axvline(where, gid=f"document:{first}{tag}", **style)
+        else:
+            ax.plot([where] * 2, span, gid=f"document:{first}{tag}", **style)
+        if rows:
+            ax.axhline(where, gid=f"document-row:{first}{tag}", **style)
 
 
 def owners(sim: Any) -> np.ndarray:

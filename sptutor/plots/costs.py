@@ -1,5 +1,5 @@
 """Pictures of many calls: bytes per rank against W or S (one line per method), and the useful
-work per rank under each layout (grouped bars).
+work per rank under each layout (grouped bars), or of one call packed and as one document.
 
 What the artists carry (tests read these, not pixels):
 
@@ -83,17 +83,19 @@ def cost_curves(rows: list[dict[str, Any]], *, x: str, y: str, ax: Axes | None =
     return fig
 
 
-def _ratio(values: list[int]) -> str:
+def busiest_over_idlest(values: list[int]) -> str:
     """max/min of ``values`` as text ("inf" when a rank does no work)."""
     low, high = min(values), max(values)
     return f"{high / low:.2f}" if low else ("1.00" if not high else "inf")
 
 
-def balance(rows: list[dict[str, Any]], *, ax: Axes | None = None) -> Figure:
+def balance(
+    rows: list[dict[str, Any]], *, ax: Axes | None = None, title: str | None = None
+) -> Figure:
     """Useful MACs per rank, bars grouped by layout, max/min in each group's label.
 
-    ``rows``: dicts with ``layout``, ``rank``, ``macs``. Returns ``ax``'s figure (a new one when
-    ``ax`` is None).
+    ``rows``: dicts with ``layout`` (any group name), ``rank``, ``macs``. ``title`` replaces the
+    default one. Returns ``ax``'s figure (a new one when ``ax`` is None).
     """
     if not rows:
         raise ValueError("balance needs at least one row, got none")
@@ -113,7 +115,7 @@ def balance(rows: list[dict[str, Any]], *, ax: Axes | None = None) -> Figure:
                 gid=f"balance:{layout}:{rank}",
             )
         centres.append(start + (world - 1) / 2)
-        names.append(f"{layout}\nmax/min = {_ratio([macs for _, macs in group])}")
+        names.append(f"{layout}\nmax/min = {busiest_over_idlest([macs for _, macs in group])}")
     ax.set_xticks(centres, names, fontsize=8)
     ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: format_count(value)))
     ax.set_ylabel("useful multiply-adds (MACs)")
@@ -126,8 +128,37 @@ def balance(rows: list[dict[str, Any]], *, ax: Axes | None = None) -> Figure:
         bbox_to_anchor=(0.5, -0.18),
         frameon=False,
     )
-    ax.set_title(
-        "Useful work per rank under each layout (each group: busiest / idlest rank; 1.00 = even)",
-        fontsize=9,
+    default = (
+        "Useful work per rank under each layout (each group: busiest / idlest rank; 1.00 = even)"
     )
+    ax.set_title(title or default, fontsize=9)
     return fig
+
+
+def work_rows(sim: Any, group: str) -> list[dict[str, Any]]:
+    """:func:`balance`'s rows of one call: each rank's useful MACs, forward + backward, from the
+    compute events of ``sim``'s ledger, under the group name ``group``."""
+    return [{"layout": group, "rank": r, "macs": sim.ledger.macs(r)} for r in range(sim.world)]
+
+
+def packed_group(sim: Any) -> str:
+    """The name of ``sim``'s group of bars: ``"3 packed documents"``, or ``"one document"``."""
+    offsets = getattr(sim, "cu_seqlens", None)
+    count = 1 if offsets is None else len(offsets) - 1
+    return "one document" if count == 1 else f"{count} packed documents"
+
+
+def useful_work(sim: Any, *, baseline: Any = None, ax: Axes | None = None) -> Figure:
+    """Each rank's useful MACs (forward + backward) in ``sim``, next to those of ``baseline``
+    (the same call on one document, when given): packing documents masks the pairs across them,
+    which changes who has work. Bars as :func:`balance` (gids ``"balance:<group>:<rank>"``)."""
+    rows = work_rows(sim, packed_group(sim))
+    if baseline is not None:
+        rows += work_rows(baseline, packed_group(baseline) + " (no packing)")
+    mask = "causal" if sim.causal else "no causal mask"
+    return balance(
+        rows,
+        ax=ax,
+        title=f"Useful work per rank, {sim.method} · {sim.layout} · {mask}\n"
+        "(each group: busiest / idlest rank; 1.00 = even)",
+    )

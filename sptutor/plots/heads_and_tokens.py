@@ -3,7 +3,8 @@
 Before (top): sequence-sharded, each rank holds every head of its own tokens. After (bottom):
 head-sharded, rank ``u`` of a ulysses group of U ranks holds heads ``u·Hq/U .. (u+1)·Hq/U - 1`` of
 all its group's tokens (Ulysses: the group is the whole world; USP: U contiguous ranks). Tokens run
-across in global order, heads down; colours are ranks.
+across in global order, heads down; colours are ranks; dark lines (gids ``"document:<p>:before"``
+and ``"document:<p>:after"``) mark where a packed document starts.
 
 What the artists carry (tests read these, not pixels):
 
@@ -27,6 +28,7 @@ from sptutor.plots._style import (
     axes_for,
     check_method,
     describe,
+    draw_boundaries,
     format_bytes,
     owners,
     rank_colormap,
@@ -86,6 +88,7 @@ def _panel(ax: Axes, sim: Any, ranks: np.ndarray, top: float, gid: str, title: s
         ax.plot([token + 0.5] * 2, [top - 0.5, top + heads_q - 0.5], color="white", linewidth=1)
     for head in np.flatnonzero(ranks[1:, 0] != ranks[:-1, 0]):  # a new head group starts here
         ax.plot([-0.5, seq_len - 0.5], [top + head + 0.5] * 2, color="white", linewidth=1)
+    draw_boundaries(ax, sim, rows=False, span=(top - 0.5, top + heads_q - 0.5), tag=f":{gid}")
 
 
 def heads_and_tokens(sim: Any, *, ax: Axes | None = None) -> Figure:

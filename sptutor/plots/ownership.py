@@ -3,50 +3,53 @@
 Axes in global token order (query i down, key j across), so zigzag and striped show their pattern.
 Cell (i, j) has the colour of the rank that owns query i, if that rank has a forward compute event
 on the block holding key j (``event.block``; under USP a block is the whole ulysses group's tokens,
-so the ring index ``block // U`` names it); masked pairs are blank (white). Each rectangle of a
-(query rank, key block) tile is labelled with the steps of those compute events.
+so the ring index ``block // U`` names it); masked pairs (causal, or across packed documents) are
+blank (white). Each rectangle of a (query rank, key block) tile is labelled with the steps of those
+compute events. Dark lines mark where a packed document starts (``sim.cu_seqlens``); the tiles of
+blocks nobody computes (no visible pair: no compute event) are hatched.
 
 What the artists carry (tests read these, not pixels):
 
 - the matrix: the ``AxesImage`` with gid ``"ownership"``; its array (S, S) holds the computing rank
   of each cell, masked (NaN) where nothing is computed;
 - a step label: a ``Text`` with gid ``"step:<query rank>:<block>:<n>"`` (n numbers the labels,
-  so SVG ids stay unique) and the steps, comma-separated.
+  so SVG ids stay unique) and the steps, comma-separated;
+- a skipped tile: ``Rectangle`` patches with gid ``"skipped:<query rank>:<block>:<n>"``;
+- a document boundary p: ``Line2D`` with gids ``"document:<p>"`` and ``"document-row:<p>"``.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Any
 
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from matplotlib.patches import Patch
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch, Rectangle
 
+from sptutor.plots import _blocks
+from sptutor.plots._blocks import BLOCK_METHODS
 from sptutor.plots._style import (
+    DOCUMENT_COLOUR,
     MASKED_COLOUR,
+    SKIPPED_HATCH,
     axes_for,
+    boundaries,
     check_method,
     describe,
+    draw_boundaries,
     owners,
     rank_colormap,
     rank_colour,
     runs,
 )
 
-RING_FAMILY = ("rsa", "ring", "lss", "usp")
+SKIPPED_EDGE = "0.7"  # the hatch of a skipped tile: light, so the masked area still reads white
+
+RING_FAMILY = BLOCK_METHODS
 MOST_LABELS = 400  # beyond this many tile rectangles the numbers would not fit; they are left out
 MOST_TICKS = 32  # a tick for every token up to this sequence length
-
-
-def _steps(sim: Any) -> dict[tuple[int, int], list[int]]:
-    """(rank, block) -> the sorted distinct steps of rank's forward compute events on block."""
-    found: dict[tuple[int, int], set[int]] = defaultdict(set)
-    for event in sim.ledger.events:
-        if event.op == "compute" and event.phase == "forward" and event.block is not None:
-            found[(event.rank, event.block)].add(event.step)
-    return {key: sorted(steps) for key, steps in found.items()}
 
 
 def _matrix(sim: Any, steps: dict[tuple[int, int], list[int]]) -> np.ndarray:
@@ -56,44 +59,72 @@ def _matrix(sim: Any, steps: dict[tuple[int, int], list[int]]) -> np.ndarray:
     computes = np.zeros((sim.world, sim.world // sim.ulysses), dtype=bool)
     for rank, block in steps:
         computes[rank, block // sim.ulysses] = True
-    seq_len = len(owner)
-    visible = np.tril(np.ones((seq_len, seq_len), dtype=bool)) if sim.causal else True
+    tokens = np.arange(len(owner))
     covered = computes[owner[:, None], ring_index[None, :]]  # (S, S)
-    return np.where(visible & covered, owner[:, None].astype(float), np.nan)
+    seen = _blocks.visible(sim, tokens, tokens)  # (S, S): causal mask and documents
+    return np.where(seen & covered, owner[:, None].astype(float), np.nan)
 
 
-def _block_tokens(sim: Any, block: int) -> np.ndarray:
-    """The global positions of rank ``block``'s ulysses group (its own tokens when U = 1): the
-    keys of its K/V block, and the queries it attends after Ulysses' all-to-all."""
-    first = block // sim.ulysses * sim.ulysses
-    return np.concatenate([sim.positions[r].numpy() for r in range(first, first + sim.ulysses)])
+def _rectangles(sim: Any, rank: int, block: int):
+    """(q_first, q_last, k_first, k_last) of each rectangle of the tile of rank's queries
+    against block's keys, in global positions (zigzag and striped tiles are several)."""
+    for q_first, q_last in runs(_blocks.group_tokens(sim, rank)):
+        for k_first, k_last in runs(_blocks.group_tokens(sim, block)):
+            yield q_first, q_last, k_first, k_last
 
 
-def _visible_centre(q_first, q_last, k_first, k_last, causal: bool) -> tuple[float, float]:
-    """(x, y): the centre of the unmasked cells of rows q_first..q_last, keys k_first..k_last."""
-    rows = np.arange(q_first, q_last + 1)  # (rows,)
-    last_key = np.minimum(rows, k_last) if causal else np.full_like(rows, k_last)
-    weights = np.clip(last_key - k_first + 1, 0, None)  # visible keys per row
-    return (
-        float((weights * (k_first + last_key) / 2).sum() / weights.sum()),
-        float((weights * rows).sum() / weights.sum()),
-    )
+def _visible_centre(seen: np.ndarray, q_first: int, k_first: int) -> tuple[float, float]:
+    """(x, y): the centre of the visible cells of a rectangle (``seen``: its (rows, keys) bool
+    visibility, from (q_first, k_first)), moved onto the nearest visible cell if it is masked."""
+    rows, keys = np.nonzero(seen)
+    y, x = rows.mean(), keys.mean()
+    nearest = int(np.argmin((rows - y) ** 2 + (keys - x) ** 2))
+    if not seen[round(y), round(x)]:
+        y, x = rows[nearest], keys[nearest]
+    return float(k_first + x), float(q_first + y)
 
 
 def _label_rectangles(sim: Any, steps) -> list[tuple[str, str, float, float, int]]:
     """(gid, text, x, y, size in cells) of each visible rectangle of each computed tile."""
     labels = []
+    tokens = np.arange(sim.shape[1])
+    seen = _blocks.visible(sim, tokens, tokens)  # (S, S)
     for (rank, block), tile_steps in sorted(steps.items()):
         text = ",".join(map(str, tile_steps))
         # under USP a rank attends the queries of its whole ulysses group (for H/U heads)
-        for q_first, q_last in runs(_block_tokens(sim, rank)):
-            for k_first, k_last in runs(_block_tokens(sim, block)):
-                if sim.causal and q_last < k_first:
-                    continue  # the whole rectangle is above the diagonal: masked
-                x, y = _visible_centre(q_first, q_last, k_first, k_last, sim.causal)
-                size = min(q_last - q_first, k_last - k_first) + 1
-                labels.append((f"step:{rank}:{block}", text, x, y, size))
+        for q_first, q_last, k_first, k_last in _rectangles(sim, rank, block):
+            part = seen[q_first : q_last + 1, k_first : k_last + 1]
+            if not part.any():
+                continue  # every pair of the rectangle is masked
+            x, y = _visible_centre(part, q_first, k_first)
+            size = min(q_last - q_first, k_last - k_first) + 1
+            labels.append((f"step:{rank}:{block}", text, x, y, size))
     return labels
+
+
+def _draw_skipped(ax: Axes, sim: Any) -> bool:
+    """Hatch the tiles of the blocks no rank computes (no visible pair): a ``Rectangle`` with gid
+    ``"skipped:<rank>:<block>:<n>"`` each. Returns whether there was any."""
+    drawn = set()
+    for rank, block in _blocks.skipped(sim):
+        groups = (rank // sim.ulysses, block // sim.ulysses)  # USP: a group's ranks share rows
+        if groups in drawn:
+            continue
+        drawn.add(groups)
+        for index, (q_first, q_last, k_first, k_last) in enumerate(_rectangles(sim, rank, block)):
+            ax.add_patch(
+                Rectangle(
+                    (k_first - 0.5, q_first - 0.5),
+                    k_last - k_first + 1,
+                    q_last - q_first + 1,
+                    facecolor="none",
+                    edgecolor=SKIPPED_EDGE,
+                    hatch=SKIPPED_HATCH,
+                    linewidth=0,
+                    gid=f"skipped:{rank}:{block}:{index}",
+                )
+            )
+    return bool(drawn)
 
 
 def _draw_labels(ax: Axes, sim: Any, steps, fig: Figure) -> bool:
@@ -140,7 +171,7 @@ def ownership(sim: Any, *, ax: Axes | None = None) -> Figure:
     """
     check_method(sim, RING_FAMILY, "ownership")
     fig, ax = axes_for(ax, (7.5, 6.5))
-    steps = _steps(sim)
+    steps = _blocks.forward_steps(sim)
     seq_len = sim.shape[1]
     ax.imshow(
         _matrix(sim, steps),
@@ -153,16 +184,31 @@ def ownership(sim: Any, *, ax: Axes | None = None) -> Figure:
         gid="ownership",
     )
     _tile_lines(ax, sim)
+    any_skipped = _draw_skipped(ax, sim)
+    draw_boundaries(ax, sim, rows=True)
     written = _draw_labels(ax, sim, steps, fig)
     _ticks(ax, sim)
     handles = [Patch(color=rank_colour(r, sim.world), label=f"rank {r}") for r in range(sim.world)]
-    handles.append(Patch(facecolor=MASKED_COLOUR, edgecolor="0.6", label="masked (causal)"))
+    packed = bool(boundaries(sim))
+    why = " or ".join(["causal"] * sim.causal + ["other document"] * packed) or "causal"
+    handles.append(Patch(facecolor=MASKED_COLOUR, edgecolor="0.6", label=f"masked ({why})"))
+    if any_skipped:
+        handles.append(
+            Patch(
+                facecolor="white",
+                edgecolor=SKIPPED_EDGE,
+                hatch=SKIPPED_HATCH,
+                label="skipped: no visible pair, not computed",
+            )
+        )
+    if packed:
+        handles.append(Line2D([], [], color=DOCUMENT_COLOUR, linewidth=1.6, label="document edge"))
     ax.legend(
         handles=handles,
         loc="upper center",
         bbox_to_anchor=(0.5, -0.07),
         fontsize=8,
-        ncol=min(len(handles), 5),
+        ncol=len(handles) if len(handles) <= 5 else 4,
         frameon=False,
     )
     note = "number = the step of its compute event" if written else "(too many tiles to number)"

@@ -31,6 +31,7 @@ from sptutor.plots._style import (
     axes_for,
     check_method,
     describe,
+    documents,
     format_bytes,
     rank_colour,
 )
@@ -55,10 +56,16 @@ def _draw_box(ax: Axes, sim: Any, rank: int) -> None:
         )
     )
     span = f"{int(tokens.min())}–{int(tokens.max())}" if len(tokens) else "none"
+    docs = documents(sim)
+    held = (
+        ""
+        if docs is None
+        else "\ndocs " + ",".join(map(str, sorted(set(docs[tokens.numpy()].tolist()))))
+    )
     ax.text(
         rank * PITCH + WIDTH / 2,
         0,
-        f"rank {rank}\ntokens {span}",
+        f"rank {rank}\ntokens {span}{held}",
         ha="center",
         va="center",
         fontsize=8,
