@@ -111,8 +111,9 @@ def sequence_length(
 
     S is ``cu_seqlens[-1]`` with packed documents, else ``seq_len``, else ``W * tokens`` (equal
     shards). A shard cannot tell S alone when W does not divide S (the last of 4 ranks holds
-    3 tokens for S = 12, 13, 14 or 15), so uneven shards need ``seq_len`` or ``cu_seqlens``; the ranks'
-    agreement check then catches a rank that assumed otherwise. ValueError with the numbers.
+    3 tokens for S = 12, 13, 14 or 15), so uneven shards need ``seq_len`` or ``cu_seqlens``;
+    the ranks' agreement check then catches a rank that assumed otherwise. ValueError with the
+    numbers.
     """
     if cu_seqlens is not None:
         layout_module.check_cu_seqlens(cu_seqlens, None)

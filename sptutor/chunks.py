@@ -135,11 +135,14 @@ def carry(
     return decay_c[:, None, None] * state.to(acc) + local.to(acc)  # (B, Hq, D, D)
 
 
-def decayed_sum(states: Iterable[torch.Tensor], decay: Decay, length: int) -> torch.Tensor | None:
-    """``sum_n decay^(C(N-1-n)) states[n]`` (None if there are none) by Horner: the chain of
-    :func:`carry` steps over N chunks of ``length`` = C tokens, run on one rank (LASP-2)."""
+def decayed_sum(
+    states: Iterable[torch.Tensor], decay: Decay, lengths: Iterable[int]
+) -> torch.Tensor | None:
+    """``sum_n decay^(C_{n+1} + ... + C_{N-1}) states[n]`` (None if there are none) by Horner:
+    the chain of :func:`carry` steps over N chunks of ``lengths`` C_n tokens, run on one rank
+    (LASP-2). Each state is decayed by the lengths of the chunks after it (C_0 is not used)."""
     total = None
-    for state in states:
+    for state, length in zip(states, lengths, strict=True):
         total = carry(total, state, decay, length)
     return total
 

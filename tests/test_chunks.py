@@ -4,10 +4,10 @@ import itertools
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sptutor import chunks, work
+from sptutor import backends, chunks, work
 from sptutor.oracle import reference
 from sptutor.testing import assert_close, relative_error
 from tests.helpers import state_after
@@ -172,3 +172,40 @@ def test_carry_is_a_d_by_d_step_with_decay_powers_in_the_state_dtype():
         # float32 roundoff (6e-8) on one product and one sum: 1e-5 as float32 results everywhere;
         # a decay rounded to 16 bits first would leave 1.0 instead of 0.19 for 0.9999^16384
         assert_close(carried, expected, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@settings(max_examples=10)  # the triton side runs under the interpreter: a few draws suffice
+@given(case=chunked_case(max_chunks=3, max_chunk=6), reads=st.booleans(), seed=st.integers(0, 99))
+def test_segmented_local_work_is_each_document_alone(backend, case, reads, seed):
+    """backends' local work over segments (a chunk's runs of one document) == each segment run
+    alone by chunks.forward / backward: the incoming state read by the first segment only (if
+    it ``reads``), the local state the last segment's, the local dKV the first's (zero if the
+    chunk reads nothing)."""
+    if backend == "triton" and not backends.triton_installed():
+        pytest.skip("triton is not installed")
+    q, k, v, dout, decay, parts = (case[n] for n in ("q", "k", "v", "dout", "decay", "chunks"))
+    batch, _, heads_q, head_dim = q.shape
+    state = tensors(seed, (batch, heads_q, head_dim, head_dim))[0] if reads else None
+    out, local = backends.linear_local_forward(backend, q, k, v, decay, True, tuple(parts))
+    if reads:  # what the method adds once the state has arrived
+        out[:, parts[0]] += chunks.readout(q[:, parts[0]], state, decay)
+    grads = backends.linear_local_backward(
+        backend, dout, q, k, v, state, decay, True, tuple(parts), reads
+    )
+    states = [state] + [None] * (len(parts) - 1)  # only the first segment reads one
+    alone = [chunks.forward(q[:, p], k[:, p], v[:, p], s, decay) for p, s in zip(parts, states)]
+    backs = [
+        chunks.backward(dout[:, p], None, q[:, p], k[:, p], v[:, p], s, decay)
+        for p, s in zip(parts, states)
+    ]
+    last = parts[-1]
+    expected_local = chunks.local_state(k[:, last], v[:, last], decay, heads_q=heads_q)
+    assert_close(out, torch.cat([o for o, _ in alone], dim=1))
+    assert_close(local, expected_local)
+    for n in range(3):
+        assert_close(grads[n], torch.cat([b[n] for b in backs], dim=1))
+    if reads:
+        assert_close(grads[3], backs[0][3])
+    else:
+        assert torch.count_nonzero(grads[3]) == 0

@@ -201,7 +201,8 @@ class Sweep:
             if draw(st.sampled_from(self.uneven)):  # a few tokens more: W no longer divides S
                 seq_len += draw(st.integers(1, unit * world - 1)) if unit * world > 1 else 0
             cu_seqlens = None
-            if draw(st.sampled_from(self.documents)):
+            packable = causal or method not in LINEAR_METHODS  # non-causal LASP: one document
+            if packable and draw(st.sampled_from(self.documents)):
                 cuts = (
                     draw(st.lists(st.integers(1, seq_len - 1), max_size=4)) if seq_len > 1 else []
                 )
