@@ -24,8 +24,8 @@ HOP = (
     "        dkv_from_prev_rank = dkv_shift.wait()"
 )
 SPLIT = "    return torch.cat(received, dim=1)  # (B, S, H/U, D)"
-CARRY = "kv_out = chunks.carry(kv_from_prev_rank, local_state, decay, chunk)"
-PREFIX = "state_in = chunks.decayed_sum(gathered[:rank], decay, chunk)"
+CARRY = "kv_out = chunks.carry(kv_through, local_state, decay, chunk)"
+PREFIX = "state_in = chunks.decayed_sum(gathered[before], decay, chain.lengths[before])"
 RING_CALL = "q_heads, k_heads, v_heads, ring_positions, causal, scale, mesh.ring_group, backend"
 
 # (mistake, method, (old, new, how many times old appears), category, words of the sentence)

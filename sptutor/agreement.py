@@ -100,8 +100,8 @@ def _disagreement(calls: list[tuple], tokens_by_layout: Callable[[int], list[int
     seq_len = fields[0].get("S", sum(tokens))  # the S every rank agreed on, if it says one
     try:
         expected = tokens_by_layout(seq_len)
-    except ValueError as cannot_cut:
-        expected = f"none ({cannot_cut})"
+    except ValueError as cannot_cut:  # an S no layout can cut: every rank says the layout's words
+        return str(cannot_cut)
     if tokens != expected:
         return (
             f"ranks hold {tokens} tokens in {fields[0]['method']}, but the layout of "

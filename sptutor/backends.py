@@ -83,58 +83,77 @@ def prepare(
     ``cu_seqlens``), the concrete backend and the scale (default D ** -0.5).
     """
     agreement.check_membership(group, method)
-    rank, world = comm.rank_and_size(group)
-    total = sequence_length(q.shape[1], rank, world, layout, ulysses, seq_len, cu_seqlens)
-    positions = all_positions(total, world=world, layout=layout, ulysses=ulysses, device=q.device)
-    documents = [None] * world  # one document: masks from positions alone
-    if cu_seqlens is not None:
-        documents = [layout_module.document_ids(cu_seqlens, p) for p in positions]
     concrete = resolve(backend, q)
-    call = agreement.signature(method, q, k, causal=causal, layout=layout, scale=scale,
-                               ulysses=ulysses, return_lse=return_lse, S=total,
-                               cu_seqlens=cu_seqlens)  # fmt: skip
-    agreement.check_ranks_agree(group, call, tokens_by_layout(world, layout, ulysses))
+    positions, documents = place(method, q, k, group=group, layout=layout, ulysses=ulysses,
+                                 seq_len=seq_len, cu_seqlens=cu_seqlens, device=q.device,
+                                 causal=causal, scale=scale, return_lse=return_lse)  # fmt: skip
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return positions, documents, concrete, scale
 
 
-def sequence_length(
-    tokens: int,
-    rank: int,
-    world: int,
+def place(
+    method: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    group,
     layout: str,
     ulysses: int,
     seq_len: int | None,
     cu_seqlens: torch.Tensor | None,
+    device,
+    **arguments,
+) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """Where every rank's tokens sit, agreed by every rank of ``group`` before any message.
+
+    q: (B, S_r, Hq, D), k: (B, S_r, Hkv, D) this rank's shards; ``arguments`` the method's other
+    keywords, for the agreement check (``sptutor.agreement``: S and ``cu_seqlens`` are in its
+    signature, so every rank's changes when S does). The sizes are checked after it, so that
+    every rank raises the same sentence. Returns every rank's positions W x (S_i,) and document
+    ids W x (S_i,) (W x None without ``cu_seqlens``), on ``device``.
+    """
+    rank, world = comm.rank_and_size(group)
+    layout_module.check_layout_name(layout)
+    total = sequence_length(q.shape[1], world, seq_len, cu_seqlens)
+    call = agreement.signature(method, q, k, layout=layout, ulysses=ulysses, S=total,
+                               cu_seqlens=cu_seqlens, **arguments)  # fmt: skip
+    agreement.check_ranks_agree(group, call, tokens_by_layout(world, layout, ulysses))
+    positions = all_positions(total, world=world, layout=layout, ulysses=ulysses, device=device)
+    if q.shape[1] != len(positions[rank]):  # the agreement check is off, or W = 1
+        raise ValueError(
+            f"rank {rank} holds {q.shape[1]} tokens, but the {layout} layout of S={total} over "
+            f"W={world} ranks gives it {len(positions[rank])}"
+            + ("" if seq_len is not None or cu_seqlens is not None else
+               "; when W does not divide S, pass seq_len=S (or cu_seqlens)")
+        )  # fmt: skip
+    documents = [None] * world  # one document: masks from positions alone
+    if cu_seqlens is not None:
+        documents = [layout_module.document_ids(cu_seqlens, p) for p in positions]
+    return positions, documents
+
+
+def sequence_length(
+    tokens: int, world: int, seq_len: int | None, cu_seqlens: torch.Tensor | None
 ) -> int:
-    """The global S this rank's call describes, checked against its own shard of ``tokens``.
+    """The global S this rank's call describes (this rank holds ``tokens`` of it).
 
     S is ``cu_seqlens[-1]`` with packed documents, else ``seq_len``, else ``W * tokens`` (equal
     shards). A shard cannot tell S alone when W does not divide S (the last of 4 ranks holds
     3 tokens for S = 12, 13, 14 or 15), so uneven shards need ``seq_len`` or ``cu_seqlens``;
-    the ranks' agreement check then catches a rank that assumed otherwise. ValueError with the
-    numbers.
+    the ranks' agreement check then names a rank that assumed otherwise. TypeError or
+    ValueError for a bad ``seq_len`` or ``cu_seqlens``.
     """
     if cu_seqlens is not None:
         layout_module.check_cu_seqlens(cu_seqlens, None)
         total = int(cu_seqlens[-1])
         if seq_len is not None and seq_len != total:
             raise ValueError(f"seq_len={seq_len} but cu_seqlens ends at S={total}")
-    elif seq_len is not None:
-        if not isinstance(seq_len, int) or isinstance(seq_len, bool):
-            raise TypeError(f"seq_len must be an int, got {type(seq_len).__name__}")
-        total = seq_len
-    else:
-        total = tokens * world
-    expected = tokens_by_layout(world, layout, ulysses)(total)[rank]
-    if tokens != expected:
-        given = seq_len is not None or cu_seqlens is not None
-        hint = "" if given else "; when W does not divide S, pass seq_len=S (or cu_seqlens)"
-        raise ValueError(
-            f"rank {rank} holds {tokens} tokens, but the {layout} layout of S={total} over "
-            f"W={world} ranks gives it {expected}{hint}"
-        )
-    return total
+        return total
+    if seq_len is None:
+        return tokens * world
+    if not isinstance(seq_len, int) or isinstance(seq_len, bool):
+        raise TypeError(f"seq_len must be an int, got {type(seq_len).__name__}")
+    return seq_len
 
 
 def tokens_by_layout(world: int, layout: str, ulysses: int = 1):

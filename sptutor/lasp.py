@@ -34,7 +34,6 @@ import torch
 from sptutor import agreement, backends, blocks, chunks, comm
 from sptutor.chain import Chain, check_documents
 from sptutor.checks import check_decay, check_qkv
-from sptutor.layout import all_positions, document_ids
 
 
 def _state_like(q):
@@ -194,16 +193,11 @@ def _prepare(method, q, k, v, causal, decay, group, backend, seq_len, cu_seqlens
     agreement.check_membership(group, method)
     # the chunk's local work runs on the backend; non-causal pieces are single matmuls (torch)
     concrete = backends.resolve(backend, q)
-    rank, world = comm.rank_and_size(group)
-    total = backends.sequence_length(q.shape[1], rank, world, "contiguous", 1, seq_len, cu_seqlens)
     check_documents(method, causal, cu_seqlens is not None)
-    positions = all_positions(total, world=world)  # every rank's chunk, on the CPU
-    documents = [None] * world  # one document: the state runs through every chunk
-    if cu_seqlens is not None:
-        documents = [document_ids(cu_seqlens, p) for p in positions]
-    call = agreement.signature(method, q, k, causal=causal, decay=decay, S=total,
-                               cu_seqlens=cu_seqlens)  # fmt: skip
-    agreement.check_ranks_agree(group, call, backends.tokens_by_layout(world, "contiguous"))
+    positions, documents = backends.place(
+        method, q, k, group=group, layout="contiguous", ulysses=1, seq_len=seq_len,
+        cu_seqlens=cu_seqlens, device="cpu", causal=causal, decay=decay,
+    )  # fmt: skip
     return concrete, Chain.of(positions, documents)
 
 

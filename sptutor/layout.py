@@ -38,14 +38,19 @@ def sizes(length: int, parts: int) -> list[int]:
     return [base + (i < extra) for i in range(parts)]
 
 
+def check_layout_name(layout: str) -> None:
+    """Raise ``ValueError`` unless ``layout`` is one of :data:`LAYOUTS`."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+
+
 def check_layout(seq_len: int, *, world: int, layout: str, ulysses: int = 1) -> None:
     """Raise ``ValueError`` (with the numbers) unless ``seq_len`` splits over ``world`` ranks.
 
     ``world`` is the SP world size ``W``; ``ulysses`` the Ulysses degree ``U`` of a USP mesh.
     Any ``S >= W`` splits (zigzag: any ``S >= 2W``), every rank owning at least one token.
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    check_layout_name(layout)
     if world < 1 or ulysses < 1:
         raise ValueError(f"world and ulysses must be >= 1, got W={world}, U={ulysses}")
     if world % ulysses:

@@ -63,7 +63,7 @@ def _run_emulated(module, method: str) -> None:
     world, ulysses = 2, 2 if method == "usp" else 1
     q, k, v, dout = _inputs()
     positions = layout.all_positions(q.shape[1], world=world, ulysses=ulysses)
-    options = {"positions": positions, "causal": True}
+    options = {"positions": positions, "documents": [None] * world, "causal": True}
     options |= {"decay": None} if method in LINEAR_METHODS else {"scale": q.shape[-1] ** -0.5}
     options |= {"ulysses": ulysses} if method == "usp" else {}
     shards = [layout.shard_by(x, positions) for x in (q, k, v, dout)]

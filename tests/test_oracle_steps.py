@@ -113,7 +113,7 @@ def test_steps_are_not_kept_unless_asked():
     ("owned", "message"),
     [
         ([torch.tensor([0, 1]), torch.tensor([1, 2])], "exactly once"),
-        ([torch.tensor([0, 1, 2]), torch.tensor([3])], "S/W positions"),
+        ([torch.tensor([0, 1, 2, 3]), torch.tensor([], dtype=torch.long)], "at least one"),
         ([torch.tensor([0.0, 1.0]), torch.tensor([2.0, 3.0])], "integer"),
         ([torch.tensor([0, 1]), torch.tensor([2, 9])], "exactly once"),
         ([torch.tensor([0, 1]), torch.tensor([2, -3])], ">= 0"),

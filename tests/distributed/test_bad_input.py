@@ -11,7 +11,9 @@ SOFTMAX = ("ring", "rsa", "lss", "ulysses")
 LINEAR = ("lasp", "lasp2")
 ULYSSES_RULE = "ValueError: ulysses needs Hq % U == 0 and (Hkv % U == 0 or U % Hkv == 0), got"
 COMMON = {  # what every softmax method says; each call below uses S/W = 3 on W = 4, so S = 12
-    "zigzag": "ValueError: zigzag layout needs S % (2*W) == 0, got S=12, W=4",
+    # (but the zigzag call: one token per rank, S = 4 < 2W)
+    "zigzag": "ValueError: zigzag layout needs S >= 2*W (2W chunks of at least one token), got "
+    "S=4, W=4",
     "heads": "ValueError: need Hq % Hkv == 0, got Hq=2, Hkv=3",
     "sequence": "ValueError: q and k must have one sequence length, got 3 and 4",
     "dtype": "TypeError: q, k, v need one floating dtype",
@@ -52,7 +54,7 @@ def _softmax_calls(method, q):
     attention = getattr(sptutor, f"{method}_attention")
     kv3, k4 = torch.randn(1, 3, 3, 8), torch.randn(1, 4, 2, 8)
     calls = {
-        "zigzag": lambda: attention(q, q, q, layout="zigzag"),
+        "zigzag": lambda: attention(q[:, :1], q[:, :1], q[:, :1], layout="zigzag"),
         "heads": lambda: attention(q, kv3, kv3),
         "sequence": lambda: attention(q, k4, k4),
         "dtype": lambda: attention(q, q.double(), q.double()),
@@ -71,7 +73,7 @@ def _usp_calls(q):
     usp = sptutor.usp_attention
     return {
         "heads": lambda: usp(torch.randn(1, 3, 6, 8), kv3, kv3, mesh=square),
-        "zigzag": lambda: usp(q, q, q, mesh=line, layout="zigzag"),
+        "zigzag": lambda: usp(q[:, :1], q[:, :1], q[:, :1], mesh=line, layout="zigzag"),
         "layout": lambda: usp(q, q, q, mesh=square, layout="diagonal"),
         "no mesh": lambda: usp(q, q, q, mesh=None),
         "U·R != W": lambda: usp(

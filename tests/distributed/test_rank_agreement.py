@@ -31,7 +31,10 @@ def _disagreeing_calls(rank):
         "dtype": lambda: sptutor.ring_attention(
             *_shards(rank, dtype=torch.float32 if odd else torch.float64)
         ),
-        "tokens": lambda: sptutor.ring_attention(*_shards(rank, tokens=7 if odd else 8)),
+        "tokens": lambda: sptutor.ring_attention(
+            *_shards(rank, tokens=7 if odd else 8), seq_len=31
+        ),
+        "S": lambda: sptutor.ring_attention(*_shards(rank, tokens=7 if odd else 8)),
         "method": lambda: (sptutor.lss_attention if odd else sptutor.ring_attention)(q, k, v),
         "decay": lambda: sptutor.lasp_attention(q, k, v, decay=decay),
         "return_lse": lambda: sptutor.ulysses_attention(*_shards(rank, heads=4), return_lse=odd),
@@ -79,7 +82,7 @@ def _on_rank(rank, world):
 
 
 def test_ranks_that_disagree_all_raise_naming_the_difference():
-    """causal, layout, scale, dtype, shard length, method, decay, return_lse: every rank raises
+    """causal, layout, scale, dtype, shard length, S, method, decay, return_lse: every rank raises
     the same sentence with each rank's value; a rank outside the group is told so."""
     results = launch.spawn(_on_rank, WORLD, timeout=120)
     values = ", ".join(f"rank {r}: {{{r}}}" for r in range(WORLD))
@@ -92,6 +95,8 @@ def test_ranks_that_disagree_all_raise_naming_the_difference():
         "dtype": "ranks disagree on dtype in ring (rank 0: 'float64', rank 1: 'float64', "
         "rank 2: 'float32', rank 3: 'float64')",
         "tokens": "ranks hold [8, 8, 7, 8] tokens in ring, but the layout of S=31 over W=4 ranks",
+        "S": "ranks disagree on S in ring (rank 0: 32, rank 1: 32, rank 2: 28, rank 3: 32); when "
+        "W does not divide S, pass the same seq_len=S (or cu_seqlens) on every rank",
         "method": "ranks disagree on method in ring (rank 0: 'ring', rank 1: 'ring', "
         "rank 2: 'lss', rank 3: 'ring')",
         "decay": "ranks disagree on decay in lasp (rank 0: (0.9, 0.9), rank 1: (0.9, 0.9), "
