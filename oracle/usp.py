@@ -6,10 +6,15 @@ The W = U·R ranks form a mesh (USP Alg. 1): ulysses groups are contiguous ranks
 ``j, j + U, j + 2U, ...`` (one per ulysses index j), so ``rank = ring_index·U + ulysses_index``.
 
 Forward: inside each ulysses group, all-to-alls of q, k, v turn sequence into heads: every rank of
-the group now holds its ring rank's S/R tokens (positions: the concatenation of the group's) on
-H/U heads. Ring attention over each ring group then runs on those tokens and heads, and one more
-all-to-all sends ``out`` back (heads -> sequence). Backward mirrors it: all-to-all of dout, the ring
-backward, all-to-alls of dq, dk, dv.
+group i now holds its ring rank's T_i tokens (positions and document ids: the concatenation of the
+group's) on H/U heads. Ring attention over each ring group then runs on those tokens and heads, and
+one more all-to-all sends ``out`` back (heads -> sequence). Backward mirrors it: all-to-all of dout,
+the ring backward, all-to-alls of dq, dk, dv.
+
+Uneven shards: each ulysses group's all-to-alls pad its U shards to their largest, ``L_i =
+ceil(T_i/U)``, and drop the padding after (``sptutor.padding``, as Ulysses does); the ring then
+passes blocks of T_i tokens, which differ by a token when R does not divide S (as ring attention
+does). So U = 1 and U = W stay ring and Ulysses, message for message, for any S.
 
 Nothing is written twice: the all-to-all steps are ``oracle/ulysses.py``'s and the ring steps
 are ``oracle/ring.py``'s ``_forward``/``_backward``, run on sub-worlds that share the ledger. So
@@ -71,59 +76,66 @@ def _in_groups(world, groups, step, *per_rank, **options):
     return outputs[0] if single else tuple(outputs)
 
 
-def _lse_for_checking(world, mesh, lse_heads):
-    """W x (B, Hq/U, S/R) -> W x (B, Hq, S/W): each rank's LSE for its own tokens, read from its
-    ulysses group's state (no message logged; USP itself never needs it)."""
+def _lse_for_checking(world, mesh, lse_heads, sizes):
+    """W x (B, Hq/U, T_i) -> W x (B, Hq, S_r): each rank's LSE for its own tokens, read from its
+    ulysses group's state (no message logged; USP itself never needs it). sizes: W x S_r."""
 
-    def read_group(_group, group_lse):  # reads the ranks' state directly: no message
-        return ulysses._lse_for_checking(group_lse)
+    def read_group(_group, group_lse, group_sizes):  # reads the ranks' state directly: no message
+        return ulysses._lse_for_checking(group_lse, group_sizes)
 
-    return _in_groups(world, mesh.ulysses_groups, read_group, lse_heads)
+    return _in_groups(world, mesh.ulysses_groups, read_group, lse_heads, sizes)
 
 
-def _forward(world, q, k, v, positions, causal, scale, mesh):
-    """q: W x (B, S/W, Hq, D); k, v: W x (B, S/W, Hkv, D); positions: W x (S/W,).
+def _forward(world, q, k, v, positions, documents, causal, scale, mesh):
+    """q: W x (B, S_r, Hq, D); k, v: W x (B, S_r, Hkv, D); positions: W x (S_r,); documents:
+    W x (S_r,) document ids, or W x None.
 
-    Returns out: W x (B, S/W, Hq, D) in q's dtype, and what each rank keeps for backward, in the
-    heads layout: q: (B, S/R, Hq/U, D), k, v: (B, S/R, max(Hkv/U, 1), D), out like q,
-    lse: (B, Hq/U, S/R), each a list over ranks.
+    Returns out: W x (B, S_r, Hq, D) in q's dtype, and what each rank keeps for backward, in the
+    heads layout (rank of ring index i): q: (B, T_i, Hq/U, D), k, v: (B, T_i, max(Hkv/U, 1), D),
+    out like q, lse: (B, Hq/U, T_i), each a list over ranks.
     """
     # BEGIN SOLUTION usp forward: to heads in the ulysses group, ring over the ring group, back
-    ring_positions = heads.gathered_positions(positions, mesh.ulysses)  # R x (S/R,)
-    # sequence -> heads inside each ulysses group: (B, S/W, H, D) -> (B, S/R, H/U, D)
+    sizes = [len(p) for p in positions]  # each step sees its ulysses group's U of them
+    ring_positions = heads.gathered_positions(positions, mesh.ulysses)  # R x (T_i,)
+    ring_documents = heads.gathered_documents(documents, mesh.ulysses)  # R x (T_i,) or None
+    # sequence -> heads inside each ulysses group: (B, S_r, H, D) -> (B, T_i, H/U, D)
     q_heads, k_heads, v_heads = _in_groups(
-        world, mesh.ulysses_groups, ulysses._qkv_to_heads, q, k, v
+        world, mesh.ulysses_groups, ulysses._qkv_to_heads, q, k, v, sizes
     )
     # ring attention over each ring group, on those tokens and heads
     out_heads, lse_heads = _in_groups(
         world, mesh.ring_groups, ring._forward, q_heads, k_heads, v_heads,
-        positions=ring_positions, causal=causal, scale=scale,
+        positions=ring_positions, documents=ring_documents, causal=causal, scale=scale,
     )  # fmt: skip
-    # heads -> sequence: (B, S/R, Hq/U, D) -> (B, S/W, Hq, D)
-    out = _in_groups(world, mesh.ulysses_groups, ulysses._heads_to_seq, out_heads, phase="forward")
+    # heads -> sequence: (B, T_i, Hq/U, D) -> (B, S_r, Hq, D)
+    out = _in_groups(
+        world, mesh.ulysses_groups, ulysses._heads_to_seq, out_heads, sizes, phase="forward"
+    )
     return out, (q_heads, k_heads, v_heads, out_heads, lse_heads)
     # END SOLUTION
 
 
-def _backward(world, dout, saved, positions, causal, scale, heads_kv, mesh):
-    """dout: W x (B, S/W, Hq, D); saved: what ``_forward`` kept; heads_kv: Hkv of the inputs.
+def _backward(world, dout, saved, positions, documents, causal, scale, heads_kv, mesh):
+    """dout: W x (B, S_r, Hq, D); saved: what ``_forward`` kept; heads_kv: Hkv of the inputs.
 
-    Returns dq: W x (B, S/W, Hq, D) and dk, dv: W x (B, S/W, Hkv, D), in dout's dtype.
+    Returns dq: W x (B, S_r, Hq, D) and dk, dv: W x (B, S_r, Hkv, D), in dout's dtype.
     """
     # BEGIN SOLUTION usp backward: dout to heads, the ring backward, gradients back to sequence
-    ring_positions = heads.gathered_positions(positions, mesh.ulysses)  # R x (S/R,)
-    # sequence -> heads: (B, S/W, Hq, D) -> (B, S/R, Hq/U, D)
+    sizes = [len(p) for p in positions]
+    ring_positions = heads.gathered_positions(positions, mesh.ulysses)  # R x (T_i,)
+    ring_documents = heads.gathered_documents(documents, mesh.ulysses)  # R x (T_i,) or None
+    # sequence -> heads: (B, S_r, Hq, D) -> (B, T_i, Hq/U, D)
     dout_heads = _in_groups(
-        world, mesh.ulysses_groups, ulysses._seq_to_heads, dout, phase="backward"
+        world, mesh.ulysses_groups, ulysses._seq_to_heads, dout, sizes, phase="backward"
     )
     # the ring backward over each ring group
     dq_heads, dk_heads, dv_heads = _in_groups(
         world, mesh.ring_groups, ring._backward, dout_heads, *saved,
-        positions=ring_positions, causal=causal, scale=scale,
+        positions=ring_positions, documents=ring_documents, causal=causal, scale=scale,
     )  # fmt: skip
-    # heads -> sequence, K/V replicas summed: (B, S/R, H/U, D) -> (B, S/W, H, D)
+    # heads -> sequence, K/V replicas summed: (B, T_i, H/U, D) -> (B, S_r, H, D)
     return _in_groups(
-        world, mesh.ulysses_groups, ulysses._grads_to_seq, dq_heads, dk_heads, dv_heads,
+        world, mesh.ulysses_groups, ulysses._grads_to_seq, dq_heads, dk_heads, dv_heads, sizes,
         heads_kv=heads_kv,
     )  # fmt: skip
     # END SOLUTION
@@ -134,23 +146,24 @@ def emulate(
 ) -> list[RankRecord]:
     """Run USP with Ulysses degree ``ulysses`` = U (ring degree R = W/U) on the emulated ``world``.
 
-    q: W x (B, S/W, Hq, D); k, v: W x (B, S/W, Hkv, D); dout: like q, or None (forward only);
-    positions: W x (S/W,), the USP composition of ``sptutor.layout``. Each rank keeps its
-    heads-layout q, k, v, out and lse for backward (``saved_bytes``, ``sptutor.cost.usp``).
+    q: W x (B, S_r, Hq, D); k, v: W x (B, S_r, Hkv, D); dout: like q, or None (forward only);
+    positions: W x (S_r,), the USP composition of ``sptutor.layout``; documents: W x (S_r,)
+    document ids, or W x None. Each rank keeps its heads-layout q, k, v, out and lse for
+    backward (``saved_bytes``, ``sptutor.cost.usp``).
     """
     degree, heads_kv = ulysses, k[0].shape[2]
     if degree < 1 or world.size % degree:
         raise ValueError(f"usp needs U·R == W, so U must divide W, got W={world.size}, U={degree}")
     check_ulysses_heads(q[0].shape[2], heads_kv, degree)
     mesh = _mesh(world.size, degree)
-    out, saved = _forward(world, q, k, v, positions, causal, scale, mesh)
-    lse = _lse_for_checking(world, mesh, saved[-1])
+    out, saved = _forward(world, q, k, v, positions, documents, causal, scale, mesh)
+    lse = _lse_for_checking(world, mesh, saved[-1], [len(p) for p in positions])
     records = [
         RankRecord(out=o, lse=l, saved_bytes=sum(nbytes(x[rank]) for x in saved))
         for rank, (o, l) in enumerate(zip(out, lse))
     ]
     if dout is not None:
-        grads = _backward(world, dout, saved, positions, causal, scale, heads_kv, mesh)
+        grads = _backward(world, dout, saved, positions, documents, causal, scale, heads_kv, mesh)
         for record, dq, dk, dv in zip(records, *grads):
             record.dq, record.dk, record.dv = dq, dk, dv
     return records

@@ -19,19 +19,39 @@ def replicas(heads_kv: int, degree: int) -> int:
 
 
 def sum_replicas(x: torch.Tensor, replicas: int) -> torch.Tensor:
-    """x: (B, S/W, Hkv·rep, D) -> (B, S/W, Hkv, D): the gradient of a replicated head is the sum
+    """x: (B, S_r, Hkv·rep, D) -> (B, S_r, Hkv, D): the gradient of a replicated head is the sum
     over its replicas, added in the accumulation dtype."""
     B, S_local, H, D = x.shape
     acc = blocks.accumulation_dtype(x.dtype)
-    # (B, S/W, Hkv·rep, D) -> (B, S/W, Hkv, rep, D) -> (B, S/W, Hkv, D)
+    # (B, S_r, Hkv·rep, D) -> (B, S_r, Hkv, rep, D) -> (B, S_r, Hkv, D)
     return x.reshape(B, S_local, H // replicas, replicas, D).sum(dim=3, dtype=acc).to(x.dtype)
 
 
 def gathered_positions(positions: list[torch.Tensor], degree: int) -> list[torch.Tensor]:
-    """positions: W x (S/W,) every rank's, ``rank = ring_index·U + ulysses_index``.
+    """positions: W x (S_r,) every rank's, ``rank = ring_index·U + ulysses_index``.
 
-    Returns R x (S/R,): the tokens each ulysses group of ``degree`` = U ranks holds after its
-    sequence -> heads all-to-all, its ranks' positions concatenated in rank order (under USP's
-    layout: the tokens that ring rank owns).
+    Returns R x (T_i,): the tokens each ulysses group of ``degree`` = U ranks holds after its
+    sequence -> heads all-to-all (padding dropped, ``sptutor.padding``), its ranks' positions
+    concatenated in rank order (under USP's layout: the T_i tokens ring rank i owns).
     """
     return [torch.cat(positions[i : i + degree]) for i in range(0, len(positions), degree)]
+
+
+def gathered_documents(
+    documents: list[torch.Tensor | None], degree: int
+) -> list[torch.Tensor | None]:
+    """documents: W x (S_r,) every rank's document ids, or W x None (one document).
+
+    Returns R x (T_i,), as :func:`gathered_positions` gathers positions, or R x None.
+    """
+    if documents[0] is None:
+        return [None] * (len(documents) // degree)
+    return gathered_positions(documents, degree)
+
+
+def group_sizes(positions: list[torch.Tensor], degree: int) -> list[list[int]]:
+    """positions: W x (S_r,) every rank's. Returns R lists of U shard lengths: those of each
+    ulysses group of ``degree`` = U contiguous ranks, in rank order (what its all-to-alls pad to
+    their largest, ``sptutor.padding``)."""
+    lengths = [len(p) for p in positions]
+    return [lengths[i : i + degree] for i in range(0, len(lengths), degree)]

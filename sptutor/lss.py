@@ -12,39 +12,48 @@ Backward: local gradients of every gathered block (FlashAttention-2 form, final 
 dq stays here, and one reduce-scatter of the fused ``[dK‖dV]`` (accumulation dtype) delivers to
 each rank the sum of every rank's share of its own keys.
 
-Saved for backward: q, out, lse and the gathered K, V of all W blocks.
+Uneven shards: [K‖V] and the shares of [dK‖dV] are padded to the largest shard, L = ceil(S/W),
+for the collectives, and each block's padding dropped after (``sptutor.padding``); packed
+documents mask blocks as positions do (see ``oracle/lss.py``).
+
+Saved for backward: q, out, lse and the gathered K, V of all W blocks (W·L tokens).
 """
 
 from __future__ import annotations
 
 import torch
 
-from sptutor import backends, blocks, comm
+from sptutor import backends, blocks, comm, padding
 from sptutor.checks import check_qkv
 
 
-def _forward(q, k, v, positions, causal, scale, group, backend):
-    """q: (B, S/W, Hq, D); k, v: (B, S/W, Hkv, D); positions: W x (S/W,), every group rank's.
+def _forward(q, k, v, positions, documents, causal, scale, group, backend):
+    """q: (B, S_r, Hq, D); k, v: (B, S_r, Hkv, D); positions: W x (S_i,), every group rank's;
+    documents: W x (S_i,) document ids, or W x None.
 
-    Returns out: (B, S/W, Hq, D) in q's dtype, lse: (B, Hq, S/W) in the accumulation dtype, and
-    kv_gathered: (W, 2, B, S/W, Hkv, D) (kept for backward).
+    Returns out: (B, S_r, Hq, D) in q's dtype, lse: (B, Hq, S_r) in the accumulation dtype, and
+    kv_gathered: (W, 2, B, L, Hkv, D) (kept for backward), L = max S_i.
     """
     rank, _ = comm.rank_and_size(group)
     acc = blocks.accumulation_dtype(q.dtype)
-    batch, seq_local, heads_q, _ = q.shape
+    sizes = [len(p) for p in positions]
     # BEGIN SOLUTION lss forward: one all-gather of [K‖V], attend to every block, merge by LSE
-    # K and V stacked into one tensor, so that one collective moves both
-    fused = torch.stack((k, v))  # (2, B, S/W, Hkv, D)
+    # K and V stacked into one tensor, so that one collective moves both; padded to L tokens
+    fused = padding.pad(torch.stack((k, v)), max(sizes), dim=2)  # (2, B, L, Hkv, D)
     # kept as gathered: the buffer the collective filled is the one saved for backward
-    kv_gathered = comm.all_gather(fused, group, phase="forward")  # (W, 2, B, S/W, Hkv, D)
+    kv_gathered = comm.all_gather(fused, group, phase="forward")  # (W, 2, B, L, Hkv, D)
     out = torch.zeros(q.shape, dtype=acc, device=q.device)
-    lse = torch.full((batch, heads_q, seq_local), float("-inf"), dtype=acc, device=q.device)
+    lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=acc,
+                     device=q.device)  # fmt: skip
+    mine = (positions[rank], documents[rank])
     # kv_gathered[src] is rank src's [K‖V] as this rank received it
-    for src, (k_block, v_block) in enumerate(kv_gathered):
-        if not blocks.any_visible(positions[rank], positions[src], causal):
-            continue  # fully masked by positions: nothing to compute
+    for src, kv in enumerate(kv_gathered):
+        theirs = (positions[src], documents[src])
+        if not blocks.any_visible(mine[0], theirs[0], causal, mine[1], theirs[1]):
+            continue  # fully masked (by positions or documents): nothing to compute
+        k_block, v_block = padding.unpad(kv, sizes[src], dim=2)  # the padding dropped
         block_out, block_lse = backends.attention_forward(
-            backend, q, k_block, v_block, positions[rank], positions[src], causal, scale
+            backend, q, k_block, v_block, mine[0], theirs[0], causal, scale, mine[1], theirs[1]
         )
         # merge partial outputs by their LSE (online softmax)
         out, lse = blocks.merge(out, lse, block_out, block_lse)
@@ -52,28 +61,35 @@ def _forward(q, k, v, positions, causal, scale, group, backend):
     return out.to(q.dtype), lse, kv_gathered
 
 
-def _backward(dout, q, kv_gathered, out, lse, positions, causal, scale, group, backend):
-    """dout, out: (B, S/W, Hq, D); lse: (B, Hq, S/W); kv_gathered as ``_forward`` kept it.
+def _backward(dout, q, kv_gathered, out, lse, positions, documents, causal, scale, group, backend):
+    """dout, out: (B, S_r, Hq, D); lse: (B, Hq, S_r); kv_gathered as ``_forward`` kept it;
+    positions, documents as there.
 
-    Returns dq: (B, S/W, Hq, D) and dk, dv: (B, S/W, Hkv, D), in q's dtype.
+    Returns dq: (B, S_r, Hq, D) and dk, dv: (B, S_r, Hkv, D), in q's dtype.
     """
     rank, _ = comm.rank_and_size(group)
     acc = blocks.accumulation_dtype(q.dtype)
+    sizes = [len(p) for p in positions]
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     # BEGIN SOLUTION lss backward: every block's gradients, one reduce-scatter of [dK‖dV]
-    # dkv_shares[src]: this rank's share of src's [dK‖dV], (2, B, S/W, Hkv, D); 0 if masked
+    # dkv_shares[src]: this rank's share of src's [dK‖dV], (2, B, L, Hkv, D); 0 if masked
     dkv_shares = [torch.zeros(kv.shape, dtype=acc, device=kv.device) for kv in kv_gathered]
-    for src, (k_block, v_block) in enumerate(kv_gathered):
-        if not blocks.any_visible(positions[rank], positions[src], causal):
+    mine = (positions[rank], documents[rank])
+    for src, kv in enumerate(kv_gathered):
+        theirs = (positions[src], documents[src])
+        if not blocks.any_visible(mine[0], theirs[0], causal, mine[1], theirs[1]):
             continue
+        k_block, v_block = padding.unpad(kv, sizes[src], dim=2)
         block_dq, block_dk, block_dv = backends.attention_backward(
             backend, dout, q, k_block, v_block, out, lse,
-            positions[rank], positions[src], causal, scale,
+            mine[0], theirs[0], causal, scale, mine[1], theirs[1],
         )  # fmt: skip
         dq += block_dq
-        dkv_shares[src] = torch.stack((block_dk, block_dv))
+        share = torch.stack((block_dk, block_dv))  # (2, B, S_src, Hkv, D)
+        dkv_shares[src] = padding.pad(share, max(sizes), dim=2)
     # one fused reduce-scatter: the owner of each block receives the sum of every rank's share
-    dkv = comm.reduce_scatter(dkv_shares, group, phase="backward")  # (2, B, S/W, Hkv, D)
+    dkv = comm.reduce_scatter(dkv_shares, group, phase="backward")  # (2, B, L, Hkv, D)
+    dkv = padding.unpad(dkv, sizes[rank], dim=2)  # (2, B, S_r, Hkv, D)
     # END SOLUTION
     dtype = q.dtype
     return dq.to(dtype), dkv[0].to(dtype), dkv[1].to(dtype)
@@ -81,10 +97,12 @@ def _backward(dout, q, kv_gathered, out, lse, positions, causal, scale, group, b
 
 class _LSSAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, positions, causal, scale, group, backend):
-        out, lse, kv_gathered = _forward(q, k, v, positions, causal, scale, group, backend)
+    def forward(ctx, q, k, v, positions, documents, causal, scale, group, backend):
+        out, lse, kv_gathered = _forward(
+            q, k, v, positions, documents, causal, scale, group, backend
+        )
         ctx.save_for_backward(q, out, lse, kv_gathered)
-        ctx.options = (positions, causal, scale, group, backend)
+        ctx.options = (positions, documents, causal, scale, group, backend)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -92,7 +110,7 @@ class _LSSAttention(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         q, out, lse, kv_gathered = ctx.saved_tensors
         dq, dk, dv = _backward(dout.contiguous(), q, kv_gathered, out, lse, *ctx.options)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 def lss_attention(
@@ -106,20 +124,25 @@ def lss_attention(
     backend: str = "auto",
     scale: float | None = None,
     return_lse: bool = False,
+    seq_len: int | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ):
-    """LSS attention (our reading) on (B, S/W, H, D) shards, sequence before heads.
+    """LSS attention (our reading) on (B, S_r, H, D) shards, sequence before heads.
 
     Call on every rank of ``group`` with its own shards.
 
-    q: (B, S/W, Hq, D) this rank's queries; k, v: (B, S/W, Hkv, D) its keys and values, as
-    ``sptutor.layout.shard(x, world=W, layout=layout)[rank]`` makes them.
-    Returns out: (B, S/W, Hq, D) this rank's output (differentiable), and with ``return_lse`` also
-    lse: (B, Hq, S/W) (detached, float32; float64 for float64 inputs).
+    q: (B, S_r, Hq, D) this rank's queries; k, v: (B, S_r, Hkv, D) its keys and values, as
+    ``sptutor.layout.shard(x, world=W, layout=layout)[rank]`` makes them (S_r = S/W, or one
+    token more or fewer when W does not divide S: then pass ``seq_len=S``).
+    ``cu_seqlens``: (N+1,) offsets of packed documents over the global sequence (the same
+    tensor on every rank): a query sees only keys of its own document.
+    Returns out: (B, S_r, Hq, D) this rank's output (differentiable), and with ``return_lse``
+    also lse: (B, Hq, S_r) (detached, float32; float64 for float64 inputs).
     """
     check_qkv(q, k, v)
-    positions, _documents, backend, scale = backends.prepare(
+    positions, documents, backend, scale = backends.prepare(
         "lss", q, k, group=group, causal=causal, layout=layout, backend=backend, scale=scale,
-        return_lse=return_lse,
+        return_lse=return_lse, seq_len=seq_len, cu_seqlens=cu_seqlens,
     )  # fmt: skip
-    out, lse = _LSSAttention.apply(q, k, v, positions, causal, scale, group, backend)
+    out, lse = _LSSAttention.apply(q, k, v, positions, documents, causal, scale, group, backend)
     return (out, lse) if return_lse else out

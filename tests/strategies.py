@@ -64,3 +64,70 @@ def scales(head_dim: int):
     P ⊙ (dP - delta), and their *relative* error meaningless, so keep scales realistic.
     """
     return st.one_of(st.none(), st.floats(0.2, 3.0).map(lambda f: f * head_dim**-0.5))
+
+
+def shard_edges(seq_len: int, world: int, lay: str, ulysses: int = 1) -> list[int]:
+    """The positions p in 1..S-1 where the owner changes (p-1 and p on different ranks): a
+    document boundary there falls on a rank's edge."""
+    owner = torch.empty(seq_len, dtype=torch.long)
+    for rank, pos in enumerate(layout.all_positions(seq_len, world=world, layout=lay,
+                                                    ulysses=ulysses)):  # fmt: skip
+        owner[pos] = rank
+    return [p for p in range(1, seq_len) if owner[p] != owner[p - 1]]
+
+
+@st.composite
+def documents(draw, seq_len: int, edges: list[int] = ()) -> torch.Tensor | None:
+    """None (no documents) or packed documents' cu_seqlens (N+1,) over S tokens: boundaries
+    anywhere, some on ``edges`` (the ranks' edges), so one-token documents, empty ones (a
+    repeated offset) and one document over every rank ([0, S]) all come up."""
+    if draw(st.booleans()):
+        return None
+    cuts = draw(st.lists(st.integers(0, seq_len), max_size=6))
+    if edges:
+        cuts += draw(st.lists(st.sampled_from(list(edges)), max_size=3))
+    return torch.tensor(sorted([0, *cuts, seq_len]))
+
+
+def _uneven_seq_len(draw, world: int, lay: str, max_chunk: int = 3) -> int:
+    """Any S the layout can cut (S >= W, zigzag S >= 2W), up to ``max_chunk`` units, mostly
+    not a multiple of the unit W (2W for zigzag)."""
+    unit = 2 * world if lay == "zigzag" else world
+    return draw(st.integers(unit, max_chunk * unit + unit - 1))
+
+
+@st.composite
+def uneven_softmax_case(draw, max_world: int = 8, head_dims=(1, 3, 8, 24)):
+    """Full float64 inputs and options for a softmax simulation with any S (shards that differ
+    by a token) and packed documents or none: q, k, v, dout, world, layout, causal, scale,
+    cu_seqlens."""
+    world, lay = draw(st.integers(1, max_world)), draw(st.sampled_from(layout.LAYOUTS))
+    seq_len = _uneven_seq_len(draw, world, lay)
+    heads_q, heads_kv = draw(heads())
+    batch, head_dim = draw(st.integers(1, 2)), draw(st.sampled_from(head_dims))
+    q, k, v, dout = attention_inputs(draw(st.integers(0, 10**6)), batch, seq_len, heads_q,
+                                     heads_kv, head_dim)  # fmt: skip
+    cu_seqlens = draw(documents(seq_len, shard_edges(seq_len, world, lay)))
+    return dict(q=q, k=k, v=v, dout=dout, world=world, layout=lay, causal=draw(st.booleans()),
+                scale=draw(scales(head_dim)), cu_seqlens=cu_seqlens)  # fmt: skip
+
+
+@st.composite
+def uneven_mesh_case(draw, max_world: int = 8, pure_ulysses: bool = False, head_dims=(1, 3, 8)):
+    """As :func:`uneven_softmax_case`, on a U x R mesh (W = U·R; U = W if ``pure_ulysses``),
+    heads that fit the Ulysses rule for U; adds ``ulysses``."""
+    world = draw(st.integers(1, max_world))
+    degree = world if pure_ulysses else draw(st.sampled_from([u for u in range(1, world + 1)
+                                                              if world % u == 0]))  # fmt: skip
+    lay = draw(st.sampled_from(layout.LAYOUTS))
+    seq_len = _uneven_seq_len(draw, world, lay)
+    kv_choices = [h for h in range(1, 2 * degree + 1) if h % degree == 0 or degree % h == 0]
+    heads_kv = draw(st.sampled_from(kv_choices))
+    heads_q = max(degree, heads_kv) * draw(st.integers(1, 2))  # one divides the other
+    batch, head_dim = draw(st.integers(1, 2)), draw(st.sampled_from(head_dims))
+    q, k, v, dout = attention_inputs(draw(st.integers(0, 10**6)), batch, seq_len, heads_q,
+                                     heads_kv, head_dim)  # fmt: skip
+    edges = shard_edges(seq_len, world, lay, degree)
+    return dict(q=q, k=k, v=v, dout=dout, world=world, layout=lay, causal=draw(st.booleans()),
+                scale=draw(scales(head_dim)), cu_seqlens=draw(documents(seq_len, edges)),
+                ulysses=degree)  # fmt: skip

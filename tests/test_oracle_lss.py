@@ -80,3 +80,16 @@ def test_lss_skips_fully_masked_blocks():
 def test_lss_16_bit_is_no_worse_than_plain_attention(dtype, causal):
     """16-bit inputs are as accurate as plain 16-bit attention (float32 blocks and merges)."""
     assert_16_bit_no_worse_than_plain_attention("lss", dtype, causal)
+
+
+def test_uneven_shards_are_gathered_padded():
+    """W=3, S=7 (shards 3, 2, 2): [K‖V] and [dK‖dV] travel padded to L=3 tokens, the same bytes
+    on every rank, and the gathered buffer kept for backward holds W·L = 9 tokens."""
+    q, k, v, dout = tensors(0, (1, 7, 2, 4), (1, 7, 1, 4), (1, 7, 1, 4), (1, 7, 2, 4))
+    sim = oracle.simulate("lss", q, k, v, dout, world=3)
+    kv_pair = 2 * 1 * 3 * 1 * 4 * 8  # padded [K‖V] shard: 2·B·L·Hkv·D float64
+    for rank, tokens in enumerate((3, 2, 2)):
+        assert [(e.op, e.nbytes) for e in sim.ledger.messages(rank)] == [
+            ("all_gather", 2 * kv_pair), ("reduce_scatter", 2 * kv_pair)]  # fmt: skip
+        local = tokens * 2 * (4 + 4 + 1) * 8  # q, out (B, S_r, Hq, D), lse (B, Hq, S_r)
+        assert sim.ranks[rank].saved_bytes == local + 3 * kv_pair

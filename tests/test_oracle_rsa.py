@@ -105,3 +105,20 @@ def test_rsa_skips_fully_masked_blocks_but_still_sends_them():
 def test_rsa_16_bit_is_no_worse_than_plain_attention(dtype, causal):
     """16-bit inputs (P stored in 16 bits too) are as accurate as plain 16-bit attention."""
     assert_16_bit_no_worse_than_plain_attention("rsa", dtype, causal)
+
+
+def test_uneven_blocks_travel_at_their_own_sizes():
+    """W=3, S=7 contiguous (blocks of 3, 2, 2 tokens): rank 0 forwards its own block and then
+    rank 2's, never rank 1's (the next rank's), each at its size; the all-reduces are
+    full-length whatever S_r; its P rows are (B, Hq, 3, 7)."""
+    q, k, v, dout = tensors(0, (1, 7, 2, 4), (1, 7, 1, 4), (1, 7, 1, 4), (1, 7, 2, 4))
+    sim = oracle.simulate("rsa", q, k, v, dout, world=3)
+    token = 1 * 1 * 4 * 8  # one token of K (B, 1, Hkv, D) float64
+    full_gradient = wire_bytes("all_reduce", 7 * token, 3)  # (B, S, Hkv, D) float64
+    rank0 = [(e.op, e.nbytes, e.phase) for e in sim.ledger.messages(rank=0)]
+    ring = [("send", 3 * token, "forward"), ("send", 2 * token, "forward")]  # blocks 0, 2
+    backward_ring = [(op, n, "backward") for op, n, _ in ring]
+    all_reduce = [("all_reduce", full_gradient, "backward")]
+    assert rank0 == ring + ring + all_reduce + backward_ring + all_reduce + backward_ring
+    shards = (q.nbytes + k.nbytes + v.nbytes) * 3 // 7  # rank 0's 3 of 7 tokens
+    assert sim.ranks[0].saved_bytes == shards + 1 * 2 * 3 * 7 * 8  # + P (B, Hq, 3, 7)

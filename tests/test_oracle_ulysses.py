@@ -11,6 +11,7 @@ from sptutor import cost, layout, oracle
 from sptutor.checks import check_ulysses_heads
 from sptutor.oracle import ulysses
 from sptutor.oracle.world import World
+from sptutor.testing import assert_close
 from tests.helpers import (
     SIXTEEN_BIT_SIZES,
     assert_16_bit_case_no_worse,
@@ -65,7 +66,7 @@ def test_replicated_kv_heads_pair_with_their_query_heads():
     q, k, v = tensors(1, (1, 8, 8, 3), (1, 8, 2, 3), (1, 8, 2, 3))
     world = World(list(range(4)))
     shards = [layout.shard(x, world=4) for x in (q, k, v)]
-    q_heads, k_heads, _ = ulysses._qkv_to_heads(world, *shards)
+    q_heads, k_heads, _ = ulysses._qkv_to_heads(world, *shards, [2] * 4)  # S_r = 8/4 each
     for rank in range(4):
         assert torch.equal(q_heads[rank], q[:, :, 2 * rank : 2 * rank + 2])  # (B, S, Hq/W, D)
         assert torch.equal(k_heads[rank], k[:, :, rank // 2 : rank // 2 + 1])  # (B, S, 1, D)
@@ -102,3 +103,29 @@ def test_head_rule_message():
     with pytest.raises(ValueError, match=re.escape(expected)):
         check_ulysses_heads(4, 3, 2)
     check_ulysses_heads(8, 1, 4)  # MQA: one K/V head, replicated 4 times
+
+
+def test_uneven_shards_travel_padded_and_are_kept_unpadded():
+    """W=3, S=7 (shards 3, 2, 2): every all-to-all carries shards padded to L=3 tokens, so all
+    ranks send the same bytes; the heads layout keeps the 7 real tokens (padding dropped)."""
+    q, k, v, dout = tensors(5, (1, 7, 3, 4), (1, 7, 3, 4), (1, 7, 3, 4), (1, 7, 3, 4))
+    sim = oracle.simulate("ulysses", q, k, v, dout, world=3, causal=True)
+    padded = 1 * 3 * 3 * 4 * 8 * 2 // 3  # (B, L=3, H, D) float64: two thirds leave the rank
+    for rank in range(3):
+        events = [(e.op, e.nbytes, e.phase) for e in sim.ledger.messages(rank)]
+        assert events == [
+            ("all_to_all", padded, phase) for phase in ["forward"] * 4 + ["backward"] * 4
+        ]
+        heads_layout = 1 * 7 * 1 * 4 * 8  # (B, S, H/U, D) float64
+        assert sim.ranks[rank].saved_bytes == 4 * heads_layout + 1 * 1 * 7 * 8  # + lse
+
+
+def test_padding_is_never_attended():
+    """W=4, S=5 (shards 2, 1, 1, 1; three ranks padded): the same out, lse and gradients as
+    one rank, and no compute on a padding token (MACs are full attention's)."""
+    q, k, v, dout = tensors(6, (2, 5, 4, 3), (2, 5, 2, 3), (2, 5, 2, 3), (2, 5, 4, 3))
+    sim = oracle.simulate("ulysses", q, k, v, dout, world=4, causal=True)
+    alone = oracle.simulate("ulysses", q, k, v, dout, world=1, causal=True)
+    for name in ("out", "lse", "dq", "dk", "dv"):  # float64, sums reordered: the design's 1e-10
+        assert_close(getattr(sim, name), getattr(alone, name), what=name)
+    assert sim.ledger.macs() == alone.ledger.macs()

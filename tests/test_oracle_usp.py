@@ -18,7 +18,7 @@ from tests.helpers import (
     mesh_case,
     softmax_case,
 )
-from tests.strategies import tensors
+from tests.strategies import tensors, uneven_mesh_case, uneven_softmax_case
 
 DTYPES = [torch.float64, torch.float32, torch.float16]
 
@@ -26,7 +26,8 @@ DTYPES = [torch.float64, torch.float32, torch.float16]
 def _simulate(method, case, **options):
     return oracle.simulate(
         method, case["q"], case["k"], case["v"], case["dout"], world=case["world"],
-        causal=case["causal"], layout=case["layout"], scale=case["scale"], **options,
+        causal=case["causal"], layout=case["layout"], scale=case["scale"],
+        cu_seqlens=case.get("cu_seqlens"), **options,
     )  # fmt: skip
 
 
@@ -77,6 +78,41 @@ def test_usp_with_one_rank_per_ulysses_group_is_ring(case):
     _assert_same_run(_simulate("usp", case, ulysses=1), _simulate("ring", case))
 
 
+@given(uneven_mesh_case(pure_ulysses=True))
+def test_usp_is_ulysses_for_any_s_and_documents(case):
+    """U = W, S any (shards padded to ceil(S/W) on the all-to-alls), documents or not: ulysses'
+    messages, compute and results, bit for bit (the ring rank's tokens split as contiguous)."""
+    ulysses_run = _simulate("ulysses", case | {"layout": "contiguous"})
+    _assert_same_run(_simulate("usp", case, ulysses=case["world"]), ulysses_run)
+
+
+@given(uneven_softmax_case())
+def test_usp_is_ring_for_any_s_and_documents(case):
+    """U = 1, S any (ring blocks of their own sizes, no padding), documents or not: ring
+    attention's messages, compute and results, bit for bit."""
+    _assert_same_run(_simulate("usp", case, ulysses=1), _simulate("ring", case))
+
+
+def test_uneven_usp_schedule_message_by_message():
+    """W=4 = 2x2, S=11 contiguous: ring ranks hold 6 and 5 tokens, ulysses ranks 3, 3 | 3, 2.
+    Rank 3's group pads to L=3 on its all-to-alls; its ring blocks are 5 (own) and 6 tokens."""
+    q, k, v, dout = tensors(3, (1, 11, 2, 4), (1, 11, 2, 4), (1, 11, 2, 4), (1, 11, 2, 4))
+    sim = oracle.simulate("usp", q, k, v, dout, world=4, ulysses=2, causal=True)
+    token = 1 * 1 * 4 * 8  # one token of one head (B, 1, H/U, D) float64
+    a2a = ("all_to_all", None, 3 * 2 * token // 2)  # (B, L=3, H=2, D) padded, half leaves
+    own, other = ("send", 1, 5 * token), ("send", 1, 6 * token)  # ring group (1, 3)
+    events = [(e.op, e.peer, e.nbytes, e.phase, e.step) for e in sim.ledger.messages(rank=3)]
+    forward = [(*a2a, "forward", 0)] * 3 + [(*own, "forward", 0)] * 2 + [(*a2a, "forward", 0)]
+    backward = (
+        [(*a2a, "backward", 0)]
+        + [(*own, "backward", 0)] * 4  # K, V and the dK, dV accumulators of rank 3's block
+        + [(*other, "backward", 1)] * 2  # the accumulators of rank 1's block, home
+        + [(*a2a, "backward", 0)] * 3
+    )
+    assert events == forward + backward
+    assert sim.ranks[3].out.shape == (1, 2, 2, 4)  # the padding dropped
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("heads_q", "heads_kv"), [(8, 8), (8, 2), (8, 1)])
 def test_usp_cost_reduces_to_ulysses_and_ring(dtype, heads_q, heads_kv):
@@ -119,10 +155,10 @@ def test_zigzag_balances_causal_work_over_the_whole_mesh():
     [
         (16, (2, 2), dict(world=4, ulysses=3),
          "ulysses degree must divide the world, got W=4, U=3"),
-        (10, (2, 2), dict(world=4, ulysses=2, layout="zigzag"),
-         "zigzag layout over R=2 ring ranks needs S % 4 == 0, got S=10, W=4, U=2"),
-        (12, (4, 4), dict(world=8, ulysses=4),
-         "each ring rank's 6 tokens must split over U=4 ulysses ranks, got S=12, W=8, U=4"),
+        (7, (2, 2), dict(world=4, ulysses=2, layout="zigzag"),
+         "zigzag layout needs S >= 2*W (2W chunks of at least one token), got S=7, W=4"),
+        (6, (4, 4), dict(world=8, ulysses=4),
+         "contiguous layout needs S >= W (every rank owns a token), got S=6, W=8"),
         (16, (6, 3), dict(world=4, ulysses=2), "got Hq=6, Hkv=3, U=2"),
         (16, (2, 2), dict(world=4), "ulysses= is required for usp and only for usp"),
     ],
@@ -141,5 +177,6 @@ def test_emulate_checks_the_mesh_itself():
     world = World(list(range(4)))
     q = [torch.zeros(1, 2, 2, 4) for _ in range(4)]
     with pytest.raises(ValueError, match=re.escape("U must divide W, got W=4, U=3")):
-        usp.emulate(world, q, q, q, None, positions=None, causal=False, scale=1.0, ulysses=3)
+        usp.emulate(world, q, q, q, None, positions=None, documents=[None] * 4, causal=False,
+                    scale=1.0, ulysses=3)  # fmt: skip
     assert world.ledger.events == []

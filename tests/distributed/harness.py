@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from sptutor import comm, cost, launch, layout
 from sptutor.mesh import make_usp_mesh
 from sptutor.testing import Case, compare_with_oracle, run_case
+from tests.strategies import documents, shard_edges
 
 LAUNCH_WORLD = 4
 GROUPS = ((0,), (2, 3), (1, 2, 3), (0, 1, 2, 3))  # W = 1, 2, 3, 4
@@ -30,18 +31,30 @@ def per_group(cases_on, count: int = 4) -> st.SearchStrategy[list[Case]]:
     return st.tuples(*[cases_on(members) for members in GROUPS for _ in range(count)]).map(list)
 
 
+def _sizes(draw, members: tuple[int, ...], lay: str, degree: int = 1):
+    """(S, cu_seqlens): any S the layout can cut (S >= W, zigzag S >= 2W), so shards mostly
+    differ by a token, and packed documents (boundaries anywhere, some on the ranks' edges,
+    one-token and empty documents, [0, S]) or None."""
+    least = 2 * len(members) if lay == "zigzag" else len(members)
+    seq_len = draw(st.integers(least, 3 * least))
+    cu_seqlens = draw(documents(seq_len, shard_edges(seq_len, len(members), lay, degree)))
+    return seq_len, None if cu_seqlens is None else tuple(cu_seqlens.tolist())
+
+
 @st.composite
 def softmax_cases(draw, method: str, members: tuple[int, ...]) -> Case:
-    """A case for a softmax method on ``members``: any layout, causal or not, GQA/MQA, odd D."""
+    """A case for a softmax method on ``members``: any layout, any S (uneven shards), packed
+    documents or none, causal or not, GQA/MQA, odd D."""
     lay = draw(st.sampled_from(layout.LAYOUTS))
-    unit = 2 * len(members) if lay == "zigzag" else len(members)
+    seq_len, cu_seqlens = _sizes(draw, members, lay)
     heads_kv = draw(st.integers(1, 2))
     return Case(
         method=method, members=members, layout=lay, causal=draw(st.booleans()),
-        batch=draw(st.integers(1, 2)), seq_len=unit * draw(st.integers(1, 3)),
+        batch=draw(st.integers(1, 2)), seq_len=seq_len,
         heads_q=heads_kv * draw(st.sampled_from([1, 2])), heads_kv=heads_kv,
         head_dim=draw(st.sampled_from([3, 8, 24])),
         dtype=draw(st.sampled_from(DTYPES)), seed=draw(st.integers(0, 10**6)),
+        cu_seqlens=cu_seqlens,
     )  # fmt: skip
 
 
@@ -94,21 +107,21 @@ def ulysses_case_lists(method: str, per_mesh: int) -> st.SearchStrategy[list[Cas
 @st.composite
 def ulysses_cases(draw, method: str, members: tuple[int, ...], degree: int) -> Case:
     """A ulysses (U = W) or usp case on ``members`` with Ulysses degree U = ``degree``: any
-    layout, causal or not, heads fitting the Ulysses rule for U (K/V heads split, or replicated
-    when Hkv < U: GQA/MQA), odd D, float64, float32 or float16."""
-    world, lay = len(members), draw(st.sampled_from(layout.LAYOUTS))
-    split = degree if method == "usp" else 1  # the layout's ulysses=, ring degree world // split
-    # S splits over the ring ranks (2 chunks each for zigzag), then over U: zigzag needs R·lcm(2, U)
-    unit = (world // split) * (split if split % 2 == 0 else 2 * split) if lay == "zigzag" else world
+    layout, any S (uneven shards, padded on the all-to-alls), packed documents or none, causal
+    or not, heads fitting the Ulysses rule for U (K/V heads split, or replicated when Hkv < U:
+    GQA/MQA), odd D, float64, float32 or float16."""
+    lay = draw(st.sampled_from(layout.LAYOUTS))
+    split = degree if method == "usp" else 1  # the layout's ulysses=, ring degree W // split
+    seq_len, cu_seqlens = _sizes(draw, members, lay, split)
     heads_kv = draw(st.sampled_from([h for h in range(1, 2 * degree + 1) if h % degree == 0
                                      or degree % h == 0]))  # fmt: skip
     return Case(
         method=method, members=members, layout=lay, causal=draw(st.booleans()),
-        batch=draw(st.integers(1, 2)), seq_len=unit * draw(st.integers(1, 3)),
+        batch=draw(st.integers(1, 2)), seq_len=seq_len,
         heads_q=max(degree, heads_kv) * draw(st.sampled_from([1, 2])),  # lcm: one divides the other
         heads_kv=heads_kv, head_dim=draw(st.sampled_from([3, 8, 24])),
         dtype=draw(st.sampled_from(DTYPES)), seed=draw(st.integers(0, 10**6)),
-        ulysses=degree if method == "usp" else None,
+        ulysses=degree if method == "usp" else None, cu_seqlens=cu_seqlens,
     )  # fmt: skip
 
 
@@ -116,7 +129,12 @@ def assert_real_matches_oracle(cases: list[Case]) -> list[dict[int, dict]]:
     """One launch runs every case; each rank's shards, ledger and saved bytes must match the
     oracle (the design's tolerances), and its bytes sent per phase and saved for backward must equal
     ``sptutor.cost`` (real == oracle == closed form). Returns each case's ``{rank: result}``."""
-    results = launch.spawn(run_on_rank, LAUNCH_WORLD, (cases,))
+    return check_results(cases, launch.spawn(run_on_rank, LAUNCH_WORLD, (cases,)))
+
+
+def check_results(cases: list[Case], results: list[list[dict | None]]) -> list[dict[int, dict]]:
+    """:func:`assert_real_matches_oracle` on results already run (``results[rank][index]``, as
+    :func:`run_on_rank` returns them on every rank), for a launch that does more than run cases."""
     per_case = []
     for index, case in enumerate(cases):
         per_rank = {rank: results[rank][index] for rank in case.members}
@@ -133,7 +151,7 @@ def _cost_problems(case: Case, per_rank: dict[int, dict]) -> list[str]:
     shape = cost.Shape(case.batch, case.seq_len, case.heads_q, case.heads_kv, case.head_dim,
                        getattr(torch, case.dtype))  # fmt: skip
     expected = cost.of(case.method, shape, len(case.members), causal=case.causal,
-                       ulysses=case.ulysses)  # fmt: skip
+                       ulysses=case.ulysses, layout=case.layout)  # fmt: skip
     problems = []
     for local, rank in enumerate(case.members):
         messages, saved = per_rank[rank]["messages"], per_rank[rank]["saved"]

@@ -17,7 +17,8 @@ MEMORY_GRID = memory_grid("rsa")
 @settings(max_examples=2, phases=[Phase.explicit, Phase.generate], deadline=None)
 @given(per_group(lambda members: softmax_cases("rsa", members)))
 def test_real_rsa_matches_the_oracle(cases):
-    """W 1..4, layouts, causal, GQA/MQA, float64/float32/float16: shards, ledger and saved bytes."""
+    """W 1..4, layouts, any S (uneven shards), packed documents, causal, GQA/MQA, float64/32/16:
+    shards, ledger and saved bytes."""
     results = assert_real_matches_oracle(cases + MEMORY_GRID)
     assert_saved_bytes_formula(MEMORY_GRID, results[len(cases) :])
 

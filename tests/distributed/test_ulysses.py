@@ -26,8 +26,8 @@ def assert_saved_is_o_s_over_w(grid, results):
 @settings(max_examples=2, phases=[Phase.explicit, Phase.generate], deadline=None)
 @given(ulysses_case_lists("ulysses", per_mesh=4))
 def test_real_ulysses_matches_the_oracle_and_the_cost(cases):
-    """W 1..4, layouts, causal, MHA/GQA/MQA (K/V heads replicated when Hkv < W), float64,
-    float32 and float16: shards, ledger, and bytes sent and saved (hooks) == oracle ==
-    sptutor.cost; saved is O(S/W)."""
+    """W 1..4, layouts, any S (shards padded on the all-to-alls), packed documents, causal,
+    MHA/GQA/MQA (K/V heads replicated when Hkv < W), float64, float32 and float16: shards,
+    ledger, and bytes sent and saved (hooks) == oracle == sptutor.cost; saved is O(S/W)."""
     results = assert_real_matches_oracle(cases + SAVED_GRID)
     assert_saved_is_o_s_over_w(SAVED_GRID, results[len(cases) :])

@@ -19,8 +19,8 @@ SAVED_GRID = [
 @settings(max_examples=2, phases=[Phase.explicit, Phase.generate], deadline=None)
 @given(ulysses_case_lists("usp", per_mesh=2))
 def test_real_usp_matches_the_oracle_and_the_cost(cases):
-    """W 1..4, every U·R = W, layouts, causal, MHA/GQA/MQA, float64/float32/float16: shards,
-    ledger, and bytes sent and saved (hooks) == oracle == sptutor.cost; saved is O(S/W)
-    whatever U."""
+    """W 1..4, every U·R = W, layouts, any S, packed documents, causal, MHA/GQA/MQA,
+    float64/float32/float16: shards, ledger, and bytes sent and saved (hooks) == oracle ==
+    sptutor.cost; saved is O(S/W) whatever U."""
     results = assert_real_matches_oracle(cases + SAVED_GRID)
     assert_saved_is_o_s_over_w(SAVED_GRID, results[len(cases) :])
