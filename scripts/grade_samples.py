@@ -18,15 +18,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 MERGE = "out, lse = blocks.merge(out, lse, block_out, block_lse)"
-VISIBLE = "        if blocks.any_visible(positions[rank], positions[src], causal):"
+VISIBLE = "        if blocks.any_visible(mine[0], theirs[0], causal, mine[1], theirs[1]):"
 HOP = (
-    '        dkv_shift = comm.ring_shift(dkv_from_prev_rank, group, phase="backward", step=step)\n'
+    '        dkv_shift = comm.ring_shift(dkv_from_prev_rank, group, phase="backward", step=step,\n'
+    "                                    receive_tokens=incoming)  # fmt: skip\n"
     "        dkv_from_prev_rank = dkv_shift.wait()"
 )
-SPLIT = "    return torch.cat(received, dim=1)  # (B, S, H/U, D)"
+SPLIT = "    return padding.join(received, sizes)  # (B, S, H/U, D)"
 CARRY = "kv_out = chunks.carry(kv_through, local_state, decay, chunk)"
 PREFIX = "state_in = chunks.decayed_sum(gathered[before], decay, chain.lengths[before])"
-RING_CALL = "q_heads, k_heads, v_heads, ring_positions, causal, scale, mesh.ring_group, backend"
+RING_CALL = "q_heads, k_heads, v_heads, ring_positions, ring_documents, causal, scale,"
 
 # (mistake, method, (old, new, how many times old appears), category, words of the sentence)
 MISTAKES = [
