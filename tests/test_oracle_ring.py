@@ -92,14 +92,20 @@ def test_fully_masked_blocks_are_skipped_but_still_travel():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(world=4, layout="zigzag"), "zigzag layout needs S % (2*W) == 0, got S=12, W=4"),
+        (
+            dict(world=7, layout="zigzag"),
+            "zigzag layout needs S >= 2*W (2W chunks of at least one token), got S=12, W=7",
+        ),
         (dict(world=2, ulysses=2), "ulysses= is required for usp and only for usp"),
         (dict(world=2, decay=torch.ones(2)), "decay is for linear attention"),
-        (dict(world=5), "contiguous layout needs S % W == 0, got S=12, W=5"),
+        (
+            dict(world=13),
+            "contiguous layout needs S >= W (every rank owns a token), got S=12, W=13",
+        ),
     ],
 )
 def test_bad_options_raise(kwargs, message):
-    """Sizes and options that do not fit are ValueErrors naming the values."""
+    """Sizes no layout can cut and options that do not fit are ValueErrors naming the values."""
     q, k, v = tensors(5, (1, 12, 2, 4), (1, 12, 2, 4), (1, 12, 2, 4))
     with pytest.raises(ValueError, match=re.escape(message)):
         oracle.simulate("ring", q, k, v, **kwargs)

@@ -40,13 +40,13 @@ def _assert_all_ended(folder: Path, world: int) -> None:
 
 
 def test_a_failing_rank_ends_the_launch_with_its_message():
-    """Rank 2 fails its layout check while the others wait in the ring: spawn reports rank 2."""
+    """Rank 2 fails its layout check while the others wait for it: spawn reports rank 2."""
 
     def body(rank, world):
-        q = torch.randn(1, 3 if rank == 2 else 4, 1, 4)  # S/W differs on rank 2: S=12 % (2*4) != 0
-        sptutor.ring_attention(q, q, q, layout="zigzag" if rank == 2 else "contiguous")
+        q = torch.randn(1, 4, 1, 4)
+        sptutor.ring_attention(q, q, q, layout="diagonal" if rank == 2 else "contiguous")
 
-    with pytest.raises(launch.SpawnError, match=r"rank 2 of 4 failed(.|\n)*zigzag layout needs"):
+    with pytest.raises(launch.SpawnError, match=r"rank 2 of 4 failed(.|\n)*layout must be one of"):
         launch.spawn(body, 4, timeout=TIMEOUT_S)
 
 
