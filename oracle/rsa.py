@@ -3,8 +3,8 @@
 Forward, the paper's ``RingQK`` then ``RingAV`` (its §3.1 and its code):
 
 1. Ring of keys (W-1 hops): rank r fills its full score rows ``S^r: (B, Hq, S_r, S)`` block by
-   block, ``S^r[:, :, block(src)] = scale·q·k_src^T``, masked from global positions (and, with
-   packed documents, pairs across documents masked on the full rows).
+   block, ``S^r[:, :, block(src)] = scale·q·k_src^T``, masked from global positions (and document
+   ids, with packed documents).
 2. Softmax over the whole row, no online softmax: ``P = exp(S - lse)``.
 3. Ring of values (W-1 hops): ``out = sum_src P[:, :, block(src)]·v_src`` (paper eq. 4).
 
@@ -79,19 +79,13 @@ def _forward(world, q, k, v, positions, documents, causal, scale):
             mine, theirs = (positions[rank], documents[rank]), (positions[src], documents[src])
             if blocks.any_visible(mine[0], theirs[0], causal, mine[1], theirs[1]):
                 scores[rank][..., spans[src]] = rows.scores_block(
-                    q[rank], k_block, mine[0], theirs[0], causal, scale
+                    q[rank], k_block, mine[0], theirs[0], causal, scale, mine[1], theirs[1]
                 )
                 world.compute(rank, _macs(q[rank], mine, theirs, causal), "forward", step,
                               block=src)  # fmt: skip
         if step < W - 1:
             k_from_prev_rank = shift.wait()
     # END SOLUTION
-    if documents[0] is not None:  # scores_block masked by position: now documents
-        columns = torch.cat(positions), torch.cat(documents)  # (S,) each, every column's
-        for rank in range(W):
-            visible = blocks.visible_pairs(positions[rank], columns[0], causal, documents[rank],
-                                           columns[1])  # fmt: skip
-            scores[rank] = scores[rank].masked_fill(~visible, float("-inf"))
     # softmax over the whole row (no online softmax); P is kept in the inputs' dtype
     lse, probs = zip(*(rows.softmax(scores[rank], q[0].dtype) for rank in range(W)))
     out = [torch.zeros(x.shape, dtype=acc) for x in q]

@@ -1,11 +1,12 @@
 """Full score rows, the maths of Ring Self-Attention: a rank's queries against the whole sequence.
 
-RSA keeps, on each rank, the scores of its S/W queries against all S keys, ``(B, Hq, S/W, S)``,
+RSA keeps, on each rank, the scores of its S_r queries against all S keys, ``(B, Hq, S_r, S)``,
 filled block by block as K travels the ring (no online softmax). The oracle's emulation and the
 real code both call these functions, so the two sides differ only in how blocks travel.
 
-``block(src)``, the columns of rank src's keys, is :func:`columns`; the products compute in the
-accumulation dtype (:func:`sptutor.blocks.accumulation_dtype`), one einsum per block.
+``block(src)``, the columns of rank src's keys, is ``sptutor.padding.spans`` of the blocks'
+sizes (shards may differ by a token); the products compute in the accumulation dtype
+(:func:`sptutor.blocks.accumulation_dtype`), one einsum per block.
 """
 
 from __future__ import annotations
@@ -13,11 +14,6 @@ from __future__ import annotations
 import torch
 
 from sptutor import blocks
-
-
-def columns(src: int, tokens: int) -> slice:
-    """The score columns (or full-length rows) of rank src's keys: block(src)."""
-    return slice(src * tokens, (src + 1) * tokens)
 
 
 def _rows_by_kv_head(rows: torch.Tensor, heads_kv: int) -> torch.Tensor:
@@ -39,10 +35,13 @@ def _rows_against(x: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
     return product.reshape(batch, heads_q, seq_q, block.shape[1])  # (B, Hq, S_q, S_k)
 
 
-def scores_block(q, k_block, q_pos, k_pos, causal: bool, scale: float) -> torch.Tensor:
+def scores_block(
+    q, k_block, q_pos, k_pos, causal: bool, scale: float, q_doc=None, k_doc=None
+) -> torch.Tensor:
     """``scale·q·k_src^T``, -inf where masked: q (B, S_q, Hq, D), k_block (B, S_k, Hkv, D),
-    q_pos (S_q,), k_pos (S_k,) -> (B, Hq, S_q, S_k) in the accumulation dtype."""
-    visible = blocks.visible_pairs(q_pos, k_pos, causal)  # (S_q, S_k)
+    q_pos, q_doc (S_q,), k_pos, k_doc (S_k,) (documents None: one document; masks as
+    ``blocks.visible_pairs``) -> (B, Hq, S_q, S_k) in the accumulation dtype."""
+    visible = blocks.visible_pairs(q_pos, k_pos, causal, q_doc, k_doc)  # (S_q, S_k)
     return (_rows_against(q, k_block) * scale).masked_fill(~visible, float("-inf"))
 
 

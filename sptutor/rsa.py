@@ -7,8 +7,8 @@ process is one rank, and each ring hop is started before this block's compute so
 Forward, the paper's ``RingQK`` then ``RingAV`` (its §3.1 and its code):
 
 1. Ring of keys (W-1 hops): this rank fills its full score rows ``S^r: (B, Hq, S_r, S)`` block
-   by block, ``S^r[:, :, block(src)] = scale·q·k_src^T``, masked from global positions (and,
-   with packed documents, pairs across documents masked on the full rows).
+   by block, ``S^r[:, :, block(src)] = scale·q·k_src^T``, masked from global positions (and
+   document ids, with packed documents).
 2. Softmax over the whole row, no online softmax: ``P = exp(S - lse)``.
 3. Ring of values (W-1 hops): ``out = sum_src P[:, :, block(src)]·v_src`` (paper eq. 4).
 
@@ -55,16 +55,11 @@ def _forward(q, k, v, positions, documents, causal, scale, group):
         mine, theirs = (positions[rank], documents[rank]), (positions[src], documents[src])
         if blocks.any_visible(mine[0], theirs[0], causal, mine[1], theirs[1]):
             scores[..., spans[src]] = rows.scores_block(
-                q, k_block, mine[0], theirs[0], causal, scale
+                q, k_block, mine[0], theirs[0], causal, scale, mine[1], theirs[1]
             )
         if step < W - 1:
             k_from_prev_rank = shift.wait()
     # END SOLUTION
-    if documents[rank] is not None:  # scores_block masked by position: now documents
-        columns = torch.cat(positions), torch.cat(documents)  # (S,) each, every column's
-        visible = blocks.visible_pairs(positions[rank], columns[0], causal, documents[rank],
-                                       columns[1])  # fmt: skip
-        scores = scores.masked_fill(~visible, float("-inf"))
     # softmax over the whole row (no online softmax); P is kept in the inputs' dtype
     lse, probs = rows.softmax(scores, q.dtype)
     out = torch.zeros(q.shape, dtype=acc, device=q.device)
