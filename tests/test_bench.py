@@ -191,3 +191,21 @@ def test_the_figures_docs_pictures_states_are_the_ones_the_benchmarks_compute():
     lss = {r["world"]: r["saved"] / r["ideal"] for r in memory.rows() if r["method"] == "lss"}
     quoted = re.search(r"\(([\d.]+), ([\d.]+), ([\d.]+) at W = 2, 4, 8\)", page)
     assert [float(x) for x in quoted.groups()] == [round(lss[w], 3) for w in (2, 4, 8)]
+
+
+def test_packed_documents_change_the_work_and_never_the_bytes(capsys, tmp_path):
+    """``sptutor bench packed --quick``: bytes per rank == sptutor.cost == one document's; the
+    packed useful work is what the ground truth's mask counts; figures written with --out."""
+    from sptutor.bench import packed
+
+    assert cli.main(["bench", "packed", "--quick", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "packed.json").read_text())["rows"]
+    assert all(r["sent"] == r["cost_sent"] == r["sent_one_document"] for r in rows)
+    assert (tmp_path / "packed.png").stat().st_size > 0
+    ring = [r for r in rows if r["method"] == "ring"]
+    # forward + backward useful MACs = (2 + 5)·B·Hq·D per visible pair: pairs inside one document,
+    # causal, counted straight from the offsets
+    pairs = sum(n * (n + 1) // 2 for n in packed.DOCUMENTS)
+    shape = packed.SHAPE
+    assert sum(r["macs"] for r in ring) == 7 * shape.batch * shape.heads_q * shape.head_dim * pairs
+    assert "7 documents" in capsys.readouterr().out
