@@ -144,25 +144,22 @@ def run_cases(cases: list[LinearCase]) -> list[dict[int, dict]]:
 
 
 def closed_form(case: LinearCase) -> list[tuple[int, int, int]]:
-    """Per rank (forward bytes sent, backward bytes sent, bytes saved). Sent: ``sptutor.cost``'s
-    (one D×D state per message, whatever S and the documents). Saved: its q, k, v shards of
-    C_t tokens, plus one state where it reads one: non-causal always, causal where rank t > 0
-    and its first position is no document start (``Chain.reads``)."""
-    dtype, world = case.torch_dtype, case.world
-    shape = cost.Shape(case.batch, case.seq_len, case.heads_q, case.heads_kv, case.head_dim, dtype)
-    sent = cost.of(case.method, shape, world, causal=case.causal)
+    """Per rank (forward bytes sent, backward bytes sent, bytes saved), from ``sptutor.cost``:
+    one D×D state per message whatever S and the documents; saved its q, k, v shards of C_t
+    tokens, plus one state where it reads one (``cost.states_read``; ``Chain.reads`` must say
+    the same, asserted here)."""
+    shape = cost.Shape(case.batch, case.seq_len, case.heads_q, case.heads_kv, case.head_dim,
+                       case.torch_dtype)  # fmt: skip
+    closed = cost.of(case.method, shape, case.world, causal=case.causal,
+                     cu_seqlens=case.cu_seqlens_tensor())  # fmt: skip
     positions = case.positions()
-    documents = [None] * world
+    documents = [None] * case.world
     if case.cu_seqlens is not None:
         documents = [document_ids(case.cu_seqlens_tensor(), p) for p in positions]
     reads = Chain.of(positions, documents).reads
-    state = case.batch * case.heads_q * case.head_dim**2 * (8 if dtype == torch.float64 else 4)
-    forms = []
-    for t, pos in enumerate(positions):
-        qkv = case.batch * len(pos) * (case.heads_q + 2 * case.heads_kv) * case.head_dim
-        kept = state if (reads[t] or not case.causal) else 0
-        forms.append((sent.forward[t], sent.backward[t], qkv * dtype.itemsize + kept))
-    return forms
+    if case.causal:
+        assert reads == cost.linear.states_read(shape, case.world, True, case.cu_seqlens_tensor())
+    return list(zip(closed.forward, closed.backward, closed.saved))
 
 
 def problems(case: LinearCase, per_rank: dict[int, dict]) -> list[str]:

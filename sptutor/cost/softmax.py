@@ -1,76 +1,9 @@
-"""Closed-form costs of each method: bytes every rank sends, and bytes it keeps for backward.
-
-Tests assert that the oracle's ledger and ``saved_bytes`` (and the real code's) equal these
-numbers exactly, so each formula is a claim about the method, checked. Bytes on the wire follow
-``ledger.wire_bytes`` (see Design, *The ledger*); accumulators travel in float32 for 16-bit inputs.
-
-Any S >= W: when W does not divide S the shards S_r differ by a token (which ranks hold more
-depends on the layout: the ``layout`` keywords), a ring moves each block at its own size, and
-the collectives that need equal chunks move shards padded to the largest, ``L = ceil(S/W)``
-(``sptutor.padding``). Packed documents change no byte: messages follow a fixed schedule.
-"""
+"""Closed forms of the softmax methods: ring, RSA, LSS, Ulysses and USP, per rank."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import torch
-
-from sptutor.blocks import accumulation_dtype
-from sptutor.layout import all_positions
+from sptutor.cost.shapes import Cost, Shape, same_for_every_rank, shard_sizes
 from sptutor.ledger import wire_bytes
-
-
-@dataclass(frozen=True)
-class Shape:
-    """The sizes a cost depends on: B, S, Hq, Hkv, D and the inputs' dtype."""
-
-    batch: int
-    seq_len: int
-    heads_q: int
-    heads_kv: int
-    head_dim: int
-    dtype: torch.dtype = torch.float32
-
-    @classmethod
-    def of(cls, q: torch.Tensor, k: torch.Tensor) -> Shape:
-        """The shape of full inputs q: (B, S, Hq, D), k: (B, S, Hkv, D)."""
-        batch, seq_len, heads_q, head_dim = q.shape
-        return cls(batch, seq_len, heads_q, k.shape[2], head_dim, q.dtype)
-
-    @property
-    def itemsize(self) -> int:
-        """Bytes per element of the inputs."""
-        return self.dtype.itemsize
-
-    @property
-    def acc_itemsize(self) -> int:
-        """Bytes per element of LSEs and gradient accumulators."""
-        return accumulation_dtype(self.dtype).itemsize
-
-    def tokens_bytes(self, tokens: int, heads: int, itemsize: int | None = None) -> int:
-        """Bytes of a (B, tokens, heads, D) tensor."""
-        return self.batch * tokens * heads * self.head_dim * (itemsize or self.itemsize)
-
-
-@dataclass(frozen=True)
-class Cost:
-    """Per rank: bytes sent in forward, bytes sent in backward, bytes kept for backward."""
-
-    forward: tuple[int, ...]
-    backward: tuple[int, ...]
-    saved: tuple[int, ...]
-
-
-def _same_for_every_rank(world: int, forward: int, backward: int, saved: int) -> Cost:
-    return Cost((forward,) * world, (backward,) * world, (saved,) * world)
-
-
-def shard_sizes(
-    seq_len: int, world: int, layout: str = "contiguous", ulysses: int = 1
-) -> list[int]:
-    """S_r, the tokens each of the W ranks holds under ``layout`` (``sptutor.layout``)."""
-    return [len(p) for p in all_positions(seq_len, world=world, layout=layout, ulysses=ulysses)]
 
 
 def _ring_of_blocks(shape: Shape, sizes: list[int]) -> Cost:
@@ -192,7 +125,7 @@ def ulysses(shape: Shape, world: int, *, layout: str = "contiguous") -> Cost:
     lse = shape.batch * (shape.heads_q // world) * shape.seq_len * shape.acc_itemsize
     # L = ceil(S/W): the largest shard under every layout
     per_phase = _ulysses_all_to_alls(shape, -(-shape.seq_len // world), world)
-    return _same_for_every_rank(world, per_phase, per_phase, 2 * q_or_out + 2 * kv + lse)
+    return same_for_every_rank(world, per_phase, per_phase, 2 * q_or_out + 2 * kv + lse)
 
 
 def usp(shape: Shape, *, ulysses: int, ring: int, layout: str = "contiguous") -> Cost:
@@ -222,79 +155,3 @@ def usp(shape: Shape, *, ulysses: int, ring: int, layout: str = "contiguous") ->
         tuple(a + ring_part.backward[r // ulysses] for r, a in enumerate(all_to_alls)),
         tuple(ring_part.saved[r // ulysses] for r in range(world)),
     )
-
-
-def _state_bytes(shape: Shape) -> int:
-    """Bytes of one linear-attention state (B, Hq, D, D) in the accumulation dtype."""
-    return shape.batch * shape.heads_q * shape.head_dim**2 * shape.acc_itemsize
-
-
-def _linear_saved(shape: Shape, world: int, state_saved: tuple[bool, ...]) -> tuple[int, ...]:
-    """Per rank: its q, k, v shards (S_r tokens, contiguous), plus one state where
-    ``state_saved[rank]``."""
-    per_token = shape.tokens_bytes(1, shape.heads_q) + 2 * shape.tokens_bytes(1, shape.heads_kv)
-    sizes = shard_sizes(shape.seq_len, world)
-    return tuple(n * per_token + (_state_bytes(shape) if kept else 0)
-                 for n, kept in zip(sizes, state_saved))  # fmt: skip
-
-
-def lasp(shape: Shape, world: int, *, causal: bool) -> Cost:
-    """LASP (Sun et al. 2024) over W ranks, per rank.
-
-    A message is one state (B, Hq, D, D) in the accumulation dtype: ``B·Hq·D²`` elements whatever
-    S is — the LASP-2 paper's "B·H·d² per step", with H = Hq here because states are per query
-    head (see Design, *Linear attention*; under GQA, Hq/Hkv times a per-K/V-head state).
-    Causal: the paper's 2(W−1) sequential steps: rank t sends KV to t+1 in forward (the last rank
-    sends nothing) and dKV to t−1 in backward (rank 0 sends nothing).
-    Non-causal (ours): one all-reduce of K^T V forward and one of Q^T dO backward,
-    ``2·state·(W−1)//W`` each; the LASP-2 paper restates LASP-1 as a sequential scan there too.
-    Saved: q, k, v shards and the state read — the received KV_p0 (state caching; none on rank 0)
-    or, non-causal, KV_total.
-    """
-    state = _state_bytes(shape)
-    if causal:
-        forward = tuple(state if rank < world - 1 else 0 for rank in range(world))
-        backward = tuple(state if rank > 0 else 0 for rank in range(world))
-    else:
-        forward = backward = (2 * state * (world - 1) // world,) * world
-    state_saved = tuple(rank > 0 or not causal for rank in range(world))
-    return Cost(forward, backward, _linear_saved(shape, world, state_saved))
-
-
-def lasp2(shape: Shape, world: int, *, causal: bool) -> Cost:
-    """LASP-2 (Sun et al. 2025) over W ranks, per rank.
-
-    The paper's 2 collective steps per iteration, causal or not: one all-gather of the local states
-    (B, Hq, D, D) forward and one of the local dKV backward, accumulation dtype, "B·H·d²" each as
-    the paper counts a step. On the wire (see Design, *The ledger*) an all-gather of T bytes puts
-    ``T·(W−1)`` on it per rank, so each rank sends ``state·(W−1)`` per phase: in total W times what
-    LASP's chain sends, in one step instead of W−1.
-    Saved: q, k, v shards and the state read — the prefix KV_p0 (none on rank 0) or KV_total.
-    """
-    gather = _state_bytes(shape) * (world - 1)
-    state_saved = tuple(rank > 0 or not causal for rank in range(world))
-    return Cost((gather,) * world, (gather,) * world, _linear_saved(shape, world, state_saved))
-
-
-def of(
-    method: str,
-    shape: Shape,
-    world: int,
-    *,
-    causal: bool = False,
-    ulysses: int | None = None,
-    layout: str = "contiguous",
-) -> Cost:
-    """The cost of ``method`` (see Design, *Methods*) on ``world`` ranks, per rank.
-
-    ``ulysses`` is the Ulysses degree U of ``usp`` (ring degree ``world // U``); ``causal`` matters
-    only for the linear methods (non-causal LASP is one all-reduce); ``layout`` only when W does
-    not divide S (which ranks hold the extra tokens; linear methods are contiguous).
-    """
-    if method == "usp":
-        return globals()["usp"](shape, ulysses=ulysses, ring=world // ulysses, layout=layout)
-    if method in ("lasp", "lasp2"):
-        return globals()[method](shape, world, causal=causal)
-    if method in ("rsa", "ring", "ulysses", "lss"):
-        return globals()[method](shape, world, layout=layout)
-    raise ValueError(f"no closed-form cost for {method!r}")
