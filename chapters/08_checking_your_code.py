@@ -540,7 +540,10 @@ assert any(r.case.causal and r.case.world > 1 for r in striped_report.results)
 # `kwargs` are fixed keywords passed to every call (here, `my_ring`'s own `positions`). A
 # library that takes the token layout's name instead has `layout_keyword=` and the sweep
 # option `layouts=("contiguous", "zigzag", "striped")`. The other sweep options limit what is
-# drawn: `causal`, `dtypes`, `batches`, `per_rank`, `heads_kv`, `gqa`, `head_dims`.
+# drawn: `causal`, `dtypes`, `batches`, `per_rank`, `heads_kv`, `gqa`, `head_dims`; and two widen
+# it, for code that handles them: `uneven=(False, True)` draws S that W does not divide (shards
+# of different lengths; `seq_len_keyword=` passes S), `documents=(False, True)` packs documents
+# (`cu_seqlens_keyword=` passes their offsets, `cu_seqlens_scope="local"` as a rank's own).
 #
 # ## From pytest, the command line and torchrun
 #
