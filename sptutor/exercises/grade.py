@@ -180,6 +180,13 @@ def _explained(grade: Grade) -> Grade:
     return grade
 
 
+def _block_size_mismatch(result: CaseResult) -> bool:
+    """Did a block's maths fail on sizes, on a case whose shards differ in length? Then its
+    K/V block and the positions (or documents) it is masked with belong to different ranks."""
+    sizes = re.search(r"size of tensor a \(\d+\) must match the size of tensor b", result.error)
+    return bool(sizes) and result.case.uneven and "blocks.py" in result.error
+
+
 def explain(result: CaseResult) -> tuple[str, str]:
     """(category, one sentence) for a failing case."""
     if result.status in ("error", "hang"):
@@ -188,6 +195,11 @@ def explain(result: CaseResult) -> tuple[str, str]:
             return "TODO left", f"TODO: {todo.group(1)}: {todo.group(2).strip()}"
         if result.status == "hang":
             return "deadlock", result.error.strip().splitlines()[0]
+        if _block_size_mismatch(result):
+            return "wrong peer", (
+                "a K/V block is masked with positions of another length (the shards are "
+                "uneven here), so it is masked as another rank's block than the one held: "
+                f"check whose block each step holds ({error_summary(result.error)})")  # fmt: skip
         return "an error", error_summary(result.error)
     differences = [(v.rank, v.difference) for v in result.verdicts if v.difference]
     wrong = any(v.wrong for v in result.verdicts)

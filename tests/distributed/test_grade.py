@@ -4,6 +4,7 @@ explained in one sentence of the right category (the solution's source with one 
 One launch of four processes serves the cases that do not break it; a blank or a deadlock ends
 its launch, as any failure does, and the grader goes on in a fresh one."""
 
+import re
 import subprocess
 import sys
 import time
@@ -73,7 +74,9 @@ def test_a_deadlock_says_where_each_rank_waits_and_ends_in_time(tmp_path):
     graded = grade(path, examples=4, stall_timeout=4.0)
     assert time.monotonic() - started < 30  # the stall ends it; nothing waits for a timeout
     assert graded.category == "deadlock", str(graded)
-    assert "rank 1 waits to receive from rank 0 at" in graded.sentence
+    # rank 0 never sends in forward: rank 1 waits for rank 0 (which of rank 1's transfers
+    # hangs depends on what rank 0 sends later, in backward, that rank 1 takes instead)
+    assert re.search(r"rank 1 waits (to receive from|for its send to) rank 0 at", graded.sentence)
 
 
 def test_the_command_line_and_torchrun_grade_alike(tmp_path):
