@@ -368,39 +368,39 @@ for phase in ("forward", "backward"):
 # %%
 cu_seqlens = torch.tensor([0, 3, 9, 14])
 q14, k14, v14, dout14 = (torch.randn(1, 14, 2, 4, dtype=torch.float64) for _ in range(4))
-sims = {}
+packed_sims = {}
 for method in ("lasp", "lasp2"):
-    sims[method] = oracle.simulate(method, q14, k14, v14, dout14, world=W, causal=True,
-                                   decay=decay, cu_seqlens=cu_seqlens)  # fmt: skip
+    packed_sims[method] = oracle.simulate(method, q14, k14, v14, dout14, world=W, causal=True,
+                                          decay=decay, cu_seqlens=cu_seqlens)  # fmt: skip
     truth = oracle.full_linear_attention(q14, k14, v14, True, decay, cu_seqlens=cu_seqlens)
-    assert relative_error(sims[method].out, truth) < 1e-12
-chain = Chain.of(sims["lasp"].positions, sims["lasp"].documents)
-assert chain.lengths == (4, 4, 3, 3)
-assert chain.reads == (False, True, True, True) and chain.passes == (False, True, False, True)
+    assert relative_error(packed_sims[method].out, truth) < 1e-12
+packed = packed_sims["lasp"]
+packed_chain = Chain.of(packed.positions, packed.documents)
+assert packed_chain.lengths == (4, 4, 3, 3)
+assert packed_chain.reads == (False, True, True, True)
+assert packed_chain.passes == (False, True, False, True)
 for rank in range(W):
-    runs = [sims["lasp"].positions[rank][s].tolist() for s in chain.segments[rank]]
-    print(f"rank {rank}: segments {runs}, reads the incoming state: {chain.reads[rank]}, "
-          f"passes it on: {chain.passes[rank]}")  # fmt: skip
+    segments = [packed.positions[rank][s].tolist() for s in packed_chain.segments[rank]]
+    print(f"rank {rank}: segments {segments}, reads the incoming state: "
+          f"{packed_chain.reads[rank]}, passes it on: {packed_chain.passes[rank]}")  # fmt: skip
 
 # the second document's tokens changed: the first and third documents see nothing of it
-q_other = q14.clone()
-q_other[:, 3:9], k_other, v_other = 7.0, k14.clone(), v14.clone()
-k_other[:, 3:9], v_other[:, 3:9] = -3.0, 5.0
-other = oracle.simulate("lasp", q_other, k_other, v_other, dout14, world=W, causal=True,
-                        decay=decay, cu_seqlens=cu_seqlens)  # fmt: skip
+q_changed, k_changed, v_changed = q14.clone(), k14.clone(), v14.clone()
+q_changed[:, 3:9], k_changed[:, 3:9], v_changed[:, 3:9] = 7.0, -3.0, 5.0
+changed = oracle.simulate("lasp", q_changed, k_changed, v_changed, dout14, world=W, causal=True,
+                          decay=decay, cu_seqlens=cu_seqlens)  # fmt: skip
 outside = torch.cat([torch.arange(0, 3), torch.arange(9, 14)])
-assert torch.equal(other.out[:, outside], sims["lasp"].out[:, outside])
-one_document = oracle.simulate("lasp", q14, k14, v14, dout14, world=W, causal=True, decay=decay)
-assert [e.key() for e in one_document.ledger.messages()] == [
-    e.key() for e in sims["lasp"].ledger.messages()
-]  # the same messages, whatever the documents
+assert torch.equal(changed.out[:, outside], packed.out[:, outside])
+one_doc_lasp = oracle.simulate("lasp", q14, k14, v14, dout14, world=W, causal=True, decay=decay)
+one_doc_messages = [e.key() for e in one_doc_lasp.ledger.messages()]
+assert one_doc_messages == [e.key() for e in packed.ledger.messages()]  # whatever the documents
 print("documents 0 and 2 unchanged, bit for bit, when document 1 changes; the same messages")
 
 # %% [markdown]
 # The chain drawn: each rank's chunk with the documents it holds, and the state's journey.
 
 # %%
-fig = plots.state_chain(sims["lasp"])
+chain_figure = plots.state_chain(packed)
 plt.show()
 
 # %% [markdown]

@@ -197,8 +197,8 @@ def explain(result: CaseResult) -> tuple[str, str]:
             return "deadlock", result.error.strip().splitlines()[0]
         if _block_size_mismatch(result):
             return "wrong peer", (
-                "a K/V block is masked with positions of another length (the shards are "
-                "uneven here), so it is masked as another rank's block than the one held: "
+                "a K/V block is masked with the positions of a block of another length (the "
+                "shards are uneven here): each step masks the block it holds as another rank's; "
                 f"check whose block each step holds ({error_summary(result.error)})")  # fmt: skip
         return "an error", error_summary(result.error)
     differences = [(v.rank, v.difference) for v in result.verdicts if v.difference]
