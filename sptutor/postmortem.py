@@ -189,12 +189,13 @@ def _where(rank: Child) -> tuple[bool | None, str]:
 
 
 def kind_of(error: BaseException) -> str:
-    """A RuntimeError raised inside torch.distributed (a timeout, a lost peer) is a "comm-error":
-    usually a reaction to another rank's failure, not a cause. Anything else is an "error"."""
+    """A RuntimeError raised inside torch.distributed, or by a transfer sptutor.comm waits for (a
+    timeout, a lost peer), is a "comm-error": usually a reaction to another rank's failure, not
+    a cause. Anything else is an "error"."""
     frames = list(traceback.walk_tb(error.__traceback__))
     module = frames[-1][0].f_globals.get("__name__", "") if frames else ""
-    inside = isinstance(error, RuntimeError) and module.startswith("torch.distributed")
-    return "comm-error" if inside else "error"
+    inside = module.startswith(("torch.distributed", "sptutor.comm"))
+    return "comm-error" if isinstance(error, RuntimeError) and inside else "error"
 
 
 def cannot_send(

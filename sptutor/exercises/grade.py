@@ -181,10 +181,16 @@ def _explained(grade: Grade) -> Grade:
 
 
 def _block_size_mismatch(result: CaseResult) -> bool:
-    """Did a block's maths fail on sizes, on a case whose shards differ in length? Then its
-    K/V block and the positions (or documents) it is masked with belong to different ranks."""
-    sizes = re.search(r"size of tensor a \(\d+\) must match the size of tensor b", result.error)
-    return bool(sizes) and result.case.uneven and "blocks.py" in result.error
+    """Did a case whose shards differ in length fail on sizes? A block's maths on a K/V block
+    and positions of different lengths, or a rank that gloo ended for receiving a message of
+    another size than its buffer (SIGABRT; its peers then lose the connection): either way a
+    block is taken for another rank's."""
+    error = result.error
+    in_blocks = "blocks.py" in error and bool(
+        re.search(r"size of tensor a \(\d+\) must match", error)
+    )
+    ended = "(SIGABRT)" in error or "Connection closed by peer" in error
+    return result.case.uneven and (in_blocks or ended)
 
 
 def explain(result: CaseResult) -> tuple[str, str]:
@@ -197,9 +203,10 @@ def explain(result: CaseResult) -> tuple[str, str]:
             return "deadlock", result.error.strip().splitlines()[0]
         if _block_size_mismatch(result):
             return "wrong peer", (
-                "a K/V block is masked with the positions of a block of another length (the "
-                "shards are uneven here): each step masks the block it holds as another rank's; "
-                f"check whose block each step holds ({error_summary(result.error)})")  # fmt: skip
+                "a block met positions or a buffer of another length (the shards are uneven "
+                "here): the block a step holds is masked as another rank's, or received into a "
+                "buffer sized for another rank's block; check whose block each step holds "
+                f"({error_summary(result.error)})")  # fmt: skip
         return "an error", error_summary(result.error)
     differences = [(v.rank, v.difference) for v in result.verdicts if v.difference]
     wrong = any(v.wrong for v in result.verdicts)
