@@ -131,13 +131,10 @@ def lss_attention(
 
     Call on every rank of ``group`` with its own shards.
 
-    q: (B, S_r, Hq, D) this rank's queries; k, v: (B, S_r, Hkv, D) its keys and values, as
-    ``sptutor.layout.shard(x, world=W, layout=layout)[rank]`` makes them (S_r = S/W, or one
-    token more or fewer when W does not divide S: then pass ``seq_len=S``).
-    ``cu_seqlens``: (N+1,) offsets of packed documents over the global sequence (the same
-    tensor on every rank): a query sees only keys of its own document.
-    Returns out: (B, S_r, Hq, D) this rank's output (differentiable), and with ``return_lse``
-    also lse: (B, Hq, S_r) (detached, float32; float64 for float64 inputs).
+    Shards, ``seq_len`` (the global S, needed when W does not divide it), ``cu_seqlens``
+    (packed documents' global offsets) and the result are as :func:`sptutor.ring.ring_attention`'s:
+    q: (B, S_r, Hq, D), k, v: (B, S_r, Hkv, D) this rank's shards; out: (B, S_r, Hq, D)
+    (differentiable), with ``return_lse`` also lse: (B, Hq, S_r) (detached).
     """
     check_qkv(q, k, v)
     positions, documents, backend, scale = backends.prepare(
