@@ -26,7 +26,7 @@ import itertools
 
 import torch
 
-from sptutor.layout import all_positions
+from sptutor.layout import all_positions, runs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,9 +93,7 @@ def _runs(documents: torch.Tensor | None, length: int) -> tuple[slice, ...]:
     """The runs of one document in a chunk of ``length`` tokens with ids ``documents`` (C,)."""
     if documents is None:
         return (slice(0, length),)
-    ids = documents.cpu()
-    starts = [0, *((ids[1:] != ids[:-1]).nonzero().flatten() + 1).tolist(), length]
-    return tuple(slice(a, b) for a, b in itertools.pairwise(starts))
+    return tuple(slice(a, b) for a, b in itertools.pairwise(runs(documents.cpu()).tolist()))
 
 
 def check_order(positions: list[torch.Tensor]) -> None:

@@ -251,7 +251,13 @@ def documents_of(
     Local offsets say which tokens share a document, not where they sit: masks still need the
     positions."""
     docs = document_ids(cu_seqlens, owned)
-    starts = torch.ones(len(owned), dtype=torch.bool, device=docs.device)
+    return docs, runs(docs)
+
+
+def runs(docs: torch.Tensor) -> torch.Tensor:
+    """Where each run of one document starts in ``docs`` (L,) (document ids in storage order),
+    then L: (M+1,) offsets, one run where the id changes from one token to the next."""
+    starts = torch.ones(len(docs), dtype=torch.bool, device=docs.device)
     starts[1:] = docs[1:] != docs[:-1]
-    ends = torch.tensor([len(owned)], device=docs.device)
-    return docs, torch.cat([starts.nonzero().flatten(), ends])
+    ends = torch.tensor([len(docs)], device=docs.device)
+    return torch.cat([starts.nonzero().flatten(), ends])

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from sptutor import blocks, layout
+from sptutor import backends, blocks, layout
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,8 @@ def place(
     """Where the tokens ``ids`` (B, S_loc) of a ``GPTConfig`` ``config``'s model sit: the
     arguments of ``sptutor.model.TinyGPT.logits``, checked and completed."""
     world = sp_world(config, group=group, mesh=mesh)
-    total = global_length(ids.shape[1], world, seq_len, cu_seqlens)
+    # S: cu_seqlens[-1], else seq_len, else W·S_loc (as every SP method works it out)
+    total = backends.sequence_length(ids.shape[1], world, seq_len, cu_seqlens)
     if positions is None:
         positions = sp_positions(config, ids.shape[1], group=group, mesh=mesh, seq_len=total)
     positions = positions.to(ids.device)
@@ -53,22 +54,6 @@ def place(
         cu_seqlens = cu_seqlens.to(ids.device)
     rope = rope_positions(positions, cu_seqlens, config.rope_per_document)
     return Placement(positions, rope, total, cu_seqlens, group, mesh)
-
-
-def global_length(
-    seq_local: int, world: int, seq_len: int | None, cu_seqlens: torch.Tensor | None
-) -> int:
-    """The global S of a call: ``cu_seqlens[-1]``, else ``seq_len``, else ``W * S_loc`` (equal
-    shards). ValueError when ``seq_len`` and ``cu_seqlens`` disagree or cu_seqlens is malformed
-    (``sptutor.layout.check_cu_seqlens``); the SP method checks the shard sizes against S."""
-    if cu_seqlens is not None:
-        layout.check_cu_seqlens(cu_seqlens, seq_len)
-        return int(cu_seqlens[-1])
-    if seq_len is not None:
-        if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 1:
-            raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
-        return seq_len
-    return seq_local * world
 
 
 def sp_world(config, *, group=None, mesh=None) -> int:

@@ -171,7 +171,7 @@ def test_packed_calls_that_cannot_work_raise_with_the_numbers():
     """cu_seqlens that does not end at seq_len, or not at 0 first: ValueError naming both."""
     model = TinyGPT(CONFIG)
     ids = torch.zeros(1, 6, dtype=torch.long)
-    with pytest.raises(ValueError, match="end at S=5"):
+    with pytest.raises(ValueError, match="seq_len=5 but cu_seqlens ends at S=6"):
         model.logits(ids, seq_len=5, cu_seqlens=torch.tensor([0, 3, 6]))
     with pytest.raises(ValueError, match="must start at 0"):
         model.logits(ids, cu_seqlens=torch.tensor([1, 6]))

@@ -16,8 +16,9 @@ from collections import defaultdict
 from typing import Any
 
 import numpy as np
+import torch
 
-from sptutor.plots._style import documents
+from sptutor import blocks, layout
 
 BLOCK_METHODS = ("rsa", "ring", "lss", "usp")
 REASONS = {
@@ -67,14 +68,13 @@ def skipped(sim: Any) -> list[tuple[int, int]]:
 
 def visible(sim: Any, queries: np.ndarray, keys: np.ndarray, *, by_document: bool = True):
     """(len(queries), len(keys)) bool: which pairs of these global positions attend, under the
-    call's causal mask and (``by_document``) its documents."""
-    seen = np.ones((len(queries), len(keys)), dtype=bool)
-    if sim.causal:
-        seen &= queries[:, None] >= keys[None, :]
-    docs = documents(sim)
-    if by_document and docs is not None:
-        seen &= docs[queries][:, None] == docs[keys][None, :]
-    return seen
+    call's causal mask and (``by_document``) its documents (``blocks.visible_pairs``)."""
+    q_pos, k_pos = torch.as_tensor(queries), torch.as_tensor(keys)
+    q_doc = k_doc = None
+    offsets = getattr(sim, "cu_seqlens", None)
+    if by_document and offsets is not None:
+        q_doc, k_doc = layout.document_ids(offsets, q_pos), layout.document_ids(offsets, k_pos)
+    return blocks.visible_pairs(q_pos, k_pos, sim.causal, q_doc, k_doc).numpy()
 
 
 def skip_reason(sim: Any, rank: int, block: int) -> str:

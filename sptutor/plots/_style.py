@@ -8,11 +8,13 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.colors import ListedColormap, to_rgba
 from matplotlib.figure import Figure
 
+from sptutor import layout
 from sptutor.methods import METHODS
 
 BYTE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
@@ -90,8 +92,7 @@ def documents(sim: Any) -> np.ndarray | None:
     offsets = getattr(sim, "cu_seqlens", None)
     if offsets is None:
         return None
-    cuts = np.asarray(offsets.detach().cpu().tolist(), dtype=int)
-    return np.searchsorted(cuts, np.arange(sim.shape[1]), side="right") - 1
+    return layout.document_ids(offsets.cpu(), torch.arange(sim.shape[1])).numpy()
 
 
 def boundaries(sim: Any) -> list[int]:
