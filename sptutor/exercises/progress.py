@@ -21,6 +21,8 @@ import dataclasses
 import functools
 import json
 import os
+import select
+import signal
 import sys
 import threading
 import time
@@ -220,21 +222,57 @@ def watchdog(stall_seconds: float) -> threading.Thread:
     """Under torchrun (no parent watching): a daemon thread that ends this process, with
     STALL_EXIT_CODE and 'rank R: no progress for N s: <where it waits>' on stderr, once it has
     waited ``stall_seconds`` in one blocking comm call, so that torchrun ends the job. Starts
-    reporting in memory if this rank does not report yet (:func:`report_to`)."""
+    reporting in memory if this rank does not report yet (:func:`report_to`).
+
+    A deadlock involves several ranks, and torchrun ends the others (SIGTERM) as soon as one
+    watchdog fires, before theirs could; so, called from the main thread, it also makes a rank
+    that SIGTERM ends while it waits say 'rank R: ended by SIGTERM: <where it waits>'. A Python
+    signal handler would never run (the main thread is blocked inside the C call), so the signal
+    wakes this thread through ``signal.set_wakeup_fd`` instead."""
     if _reporter is None:
         report_to(None)
-    thread = threading.Thread(target=_watch, args=(stall_seconds,), daemon=True,
+    wake = _wake_on_termination()
+    thread = threading.Thread(target=_watch, args=(stall_seconds, wake), daemon=True,
                               name="sptutor-progress-watchdog")  # fmt: skip
     thread.start()
     return thread
 
 
-def _watch(stall_seconds: float) -> None:
+def _wake_on_termination() -> int | None:
+    """The read end of a pipe that SIGTERM writes its number to, or None off the main thread
+    (only it may install signal handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    # the handler ends the process if the main thread gets to run it (it was not waiting)
+    signal.signal(signal.SIGTERM, lambda number, frame: os._exit(128 + number))
+    signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    return read
+
+
+def _watch(stall_seconds: float, wake: int | None) -> None:
     while True:
-        time.sleep(CHECK_S)
+        terminated = _sleep(wake)
         reporter = _reporter  # once: the main thread may stop reporting meanwhile
         state = reporter.state if reporter is not None else None
-        if state is not None and state.waiting and time.time() - state.time >= stall_seconds:
+        waiting = state is not None and state.waiting
+        if terminated:
+            if waiting:
+                print(f"rank {state.rank}: ended by SIGTERM: {where(state)}", file=sys.stderr,
+                      flush=True)  # fmt: skip
+            os._exit(128 + signal.SIGTERM)
+        if waiting and time.time() - state.time >= stall_seconds:
             message = f"rank {state.rank}: no progress for {stall_seconds:g} s: {where(state)}"
             print(message, file=sys.stderr, flush=True)
             os._exit(STALL_EXIT_CODE)
+
+
+def _sleep(wake: int | None) -> bool:
+    """Sleep CHECK_S, or less if SIGTERM arrives on ``wake``: whether it did."""
+    if wake is None:
+        time.sleep(CHECK_S)
+        return False
+    if not select.select([wake], [], [], CHECK_S)[0]:
+        return False
+    return int(signal.SIGTERM) in os.read(wake, 64)

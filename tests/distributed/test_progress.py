@@ -171,20 +171,23 @@ WATCHDOG_SCRIPT = textwrap.dedent(
 
     if __name__ == "__main__":
         dist.init_process_group("gloo")
-        progress.watchdog(3)
         rank = dist.get_rank()
-        comm.recv(torch.zeros(2), 1 - rank, None, phase="forward", step=rank)
+        progress.watchdog(3 if rank == 0 else 60)  # rank 0's fires; torchrun then ends 1 and 2
+        peer = {0: 1, 1: 2, 2: 1}[rank]  # 1 and 2 wait for each other: gloo sees no lost peer
+        comm.recv(torch.zeros(2), peer, None, phase="forward", step=rank)
     """
 )
 
 
 def test_under_torchrun_the_watchdog_ends_ranks_that_wait_for_each_other(tmp_path):
-    """Two torchrun ranks each wait to receive from the other: within 30 s each rank's watchdog
-    says where it waits and exits, and torchrun fails the job."""
+    """Three torchrun ranks wait to receive (0 from 1, 1 from 2, 2 from 1): within 30 s rank 0's
+    watchdog says where it waits and exits, torchrun fails the job and ends ranks 1 and 2 with
+    SIGTERM, and each says where it waited too, long before its own watchdog (60 s) would fire.
+    (Without that, whichever watchdog fired first decided which ranks were heard: a race.)"""
     script = tmp_path / "deadlock.py"
     script.write_text(WATCHDOG_SCRIPT)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node", "2", str(script)]  # fmt: skip
+               "--nproc_per_node", "3", str(script)]  # fmt: skip
     env = os.environ | {"PYTHONPATH": str(ROOT)}
     started = time.monotonic()
     ended = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
@@ -193,4 +196,5 @@ def test_under_torchrun_the_watchdog_ends_ranks_that_wait_for_each_other(tmp_pat
     assert elapsed < 30, elapsed
     said = ended.stderr
     assert "rank 0: no progress for 3 s: waits to receive from rank 1 at forward step 0" in said
-    assert "rank 1: no progress for 3 s: waits to receive from rank 0 at forward step 1" in said
+    assert "rank 1: ended by SIGTERM: waits to receive from rank 2 at forward step 1" in said
+    assert "rank 2: ended by SIGTERM: waits to receive from rank 1 at forward step 2" in said
