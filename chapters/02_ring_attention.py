@@ -51,7 +51,10 @@ from sptutor.testing import random_inputs, relative_error
 # Meanwhile it passes the block on to rank $r+1$. After W steps every rank has seen every block
 # exactly once. Each block has made W−1 hops, so a rank sends $2(W-1)\cdot B\,(S/W)\,H_{kv}\,D$
 # elements in forward. A block the mask hides completely is skipped (`blocks.any_visible`), but
-# it still travels, because the next rank may need it.
+# it still travels, because the next rank may need it. Which blocks are hidden depends only on
+# positions and documents, so the real code decides it once, on the host, before the first
+# message (`blocks.visible_blocks`, a W×W table of booleans): on a GPU, asking the device at
+# every step whether a block is masked would stall the stream until it answers.
 #
 # The oracle runs every rank in one loop over a list indexed by rank, and logs each block's
 # useful multiply-adds with `world.compute`:
@@ -61,7 +64,7 @@ show(oracle_ring._forward)
 
 # %% [markdown]
 # The real code is the same loop for one rank. `comm.ring_shift` starts the transfer before the
-# block's compute, so the two overlap:
+# block's compute, so the two overlap; `visible[src]` is this rank's row of the table:
 
 # %% tags=["hide-input"]
 show(sptutor.ring._forward)
@@ -123,6 +126,13 @@ plt.show()
 # more hop brings it home. So K and V make W−1 hops in backward and dK, dV make W. K and V are
 # sent again rather than kept, so each rank keeps only its own q, k, v, out and LSE: O(S/W)
 # memory.
+#
+# The accumulators' hop overlaps with compute too. A rank starts sending the accumulator at the
+# end of a step and, at the next step, first computes its block gradients and only then waits
+# for the accumulator arriving from its predecessor, adds to it and sends it on; so the hop
+# travels while the next block's gradients are computed, as in the fastest ring
+# implementations. The order of messages is unchanged, so the ledger is the same; only where
+# each rank waits moved, which the test suite checks by listing a rank's waits and computes.
 
 # %% tags=["hide-input"]
 show(oracle_ring._backward)

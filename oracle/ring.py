@@ -7,7 +7,9 @@ softmax); then every rank passes its block to the next rank (W-1 hops).
 Backward (W steps): K and V travel the ring again (re-circulated, not stored) and the dK, dV
 accumulators travel with them; each rank adds its block gradients (FlashAttention-2 form, with the
 final out and LSE) into the accumulator it holds. After the last step one more hop brings each
-accumulator home (W hops).
+accumulator home (W hops). An accumulator's hop starts at the end of a step and is waited for
+only when the next step's block gradients are computed and ready to add, so on real devices it
+travels during that compute.
 
 Mirrors ``sptutor/ring.py`` step for step; here index ``r`` of each list is rank r.
 """
@@ -65,9 +67,11 @@ def _backward(world, dout, q, k, v, out, lse, positions, documents, causal, scal
     # BEGIN SOLUTION ring backward: K, V travel again with the dK, dV accumulators; one hop home
     kv_from_prev_rank = [[k[rank], v[rank]] for rank in range(W)]
     dkv_from_prev_rank = [[torch.zeros(x.shape, dtype=acc) for _ in range(2)] for x in k]
+    dkv_shift = None  # the accumulators on their way in, while this step computes
     for step in range(W):
         if step < W - 1:
             shift = world.ring_shift(kv_from_prev_rank, phase="backward", step=step)
+        block_dkv = [None] * W  # each rank's block gradients, added once its accumulator is in
         for rank in range(W):
             src = (rank - step) % W
             k_block, v_block = kv_from_prev_rank[rank]
@@ -81,13 +85,19 @@ def _backward(world, dout, q, k, v, out, lse, positions, documents, causal, scal
                               "backward", step, block=src,
                               result={"dq": block_dq, "dk": block_dk, "dv": block_dv})  # fmt: skip
                 dq[rank] += block_dq
+                block_dkv[rank] = (block_dk, block_dv)
+        if dkv_shift is not None:  # only now wait for the accumulators of the blocks held
+            dkv_from_prev_rank = dkv_shift.wait()
+        for rank, grads in enumerate(block_dkv):
+            if grads is not None:
                 dk_acc, dv_acc = dkv_from_prev_rank[rank]
-                dkv_from_prev_rank[rank] = [dk_acc + block_dk, dv_acc + block_dv]
+                dkv_from_prev_rank[rank] = [dk_acc + grads[0], dv_acc + grads[1]]
+        # dK, dV accumulators travel with their block, during the next step's compute; after the
+        # last step this hop brings them home
+        dkv_shift = world.ring_shift(dkv_from_prev_rank, phase="backward", step=step)
         if step < W - 1:
             kv_from_prev_rank = shift.wait()
-        # dK, dV accumulators travel with their block; after the last step this hop brings them home
-        dkv_shift = world.ring_shift(dkv_from_prev_rank, phase="backward", step=step)
-        dkv_from_prev_rank = dkv_shift.wait()
+    dkv_from_prev_rank = dkv_shift.wait()
     # END SOLUTION
     dtype = q[0].dtype
     dk, dv = zip(*dkv_from_prev_rank)

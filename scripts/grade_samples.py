@@ -18,16 +18,25 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 MERGE = "out, lse = blocks.merge(out, lse, block_out, block_lse)"
-VISIBLE = "        if blocks.any_visible(mine[0], theirs[0], causal, mine[1], theirs[1]):"
-HOP = (
+VISIBLE = "        if visible[src]:"
+SHIFT = (
     '        dkv_shift = comm.ring_shift(dkv_from_prev_rank, group, phase="backward", step=step,\n'
     "                                    receive_tokens=incoming)  # fmt: skip\n"
-    "        dkv_from_prev_rank = dkv_shift.wait()"
+)
+HOP = SHIFT + (
+    "        if step < W - 1:\n"
+    "            kv_from_prev_rank = shift.wait()\n"
+    "    dkv_from_prev_rank = dkv_shift.wait()\n"
+)
+SHORT = (  # the accumulators' last hop (home) left out
+    "        if step < W - 1:\n"
+    + "".join("    " + line + "\n" for line in SHIFT.splitlines())
+    + "            kv_from_prev_rank = shift.wait()\n"
 )
 SPLIT = "    return padding.join(received, sizes)  # (B, S, H/U, D)"
 CARRY = "kv_out = chunks.carry(kv_through, local_state, decay, chunk)"
 PREFIX = "state_in = chunks.decayed_sum(gathered[before], decay, chain.lengths[before])"
-RING_CALL = "q_heads, k_heads, v_heads, ring_positions, ring_documents, causal, scale,"
+RING_CALL = "q_heads, k_heads, v_heads, ring_positions, ring_documents, visible, causal, scale,"
 
 # (mistake, method, (old, new, how many times old appears), category, words of the sentence)
 MISTAKES = [
@@ -37,10 +46,10 @@ MISTAKES = [
     ("missing LSE rescale", "ring", (MERGE, "out, lse = block_out, block_lse", 1),
      "a missing or wrong merge", "the LSE rescale is missing"),
     ("diagonal block masked", "ring",
-     (VISIBLE, VISIBLE.replace("if ", "if src != rank and "), 2),
+     (VISIBLE, VISIBLE.replace("if ", "if src != rank and "), 3),
      "a missing or wrong merge", "own block (the diagonal one) is missing"),
     ("dropped homecoming hop", "ring",
-     (HOP, "        if step < W - 1:\n" + "\n".join("    " + line for line in HOP.split("\n")), 1),
+     (HOP, SHORT, 1),
      "a block's gradient sent to the wrong rank", "stopped a hop short of home"),
     ("source of a step the wrong way round", "rsa",
      ("src = (rank - step) % W  # whose", "src = (rank + step) % W  # whose", 1),

@@ -72,7 +72,7 @@ def prepare(
     return_lse: bool = False,
     seq_len: int | None = None,
     cu_seqlens: torch.Tensor | None = None,
-) -> tuple[list[torch.Tensor], list[torch.Tensor | None], str, float]:
+) -> tuple[list[torch.Tensor], list[torch.Tensor | None], list[list[bool]], str, float]:
     """What a softmax method derives from its arguments before its first message.
 
     q: (B, S_r, Hq, D), k: (B, S_r, Hkv, D) this rank's shards, already checked locally.
@@ -80,15 +80,21 @@ def prepare(
     this process is in ``group`` and that every rank of it made the same call
     (``sptutor.agreement``, once per signature, not logged). Returns every rank's positions
     (W x (S_r,), layout sizes checked), every rank's document ids (W x (S_r,); W x None without
-    ``cu_seqlens``), the concrete backend and the scale (default D ** -0.5).
+    ``cu_seqlens``), both on q's device; the W x W table of which blocks each rank's queries see
+    (``blocks.visible_blocks``), decided here on the host from CPU positions so that the step
+    loops never wait on the device to learn it; the concrete backend and the scale (default
+    D ** -0.5).
     """
     agreement.check_membership(group, method)
     concrete = resolve(backend, q)
     positions, documents = place(method, q, k, group=group, layout=layout, ulysses=ulysses,
-                                 seq_len=seq_len, cu_seqlens=cu_seqlens, device=q.device,
+                                 seq_len=seq_len, cu_seqlens=cu_seqlens, device="cpu",
                                  causal=causal, scale=scale, return_lse=return_lse)  # fmt: skip
+    visible = blocks.visible_blocks(positions, documents, causal)
+    positions = [p.to(q.device) for p in positions]
+    documents = [None if d is None else d.to(q.device) for d in documents]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return positions, documents, concrete, scale
+    return positions, documents, visible, concrete, scale
 
 
 def place(

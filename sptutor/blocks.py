@@ -62,10 +62,37 @@ def any_visible(
     k_doc: torch.Tensor | None = None,
 ) -> bool:
     """Does any query see any key? (a fully masked block need not be computed; shapes as
-    :func:`visible_pairs`)"""
+    :func:`visible_pairs`). O(S_q + S_k): per document, its latest query and its earliest key
+    decide, so no S_q x S_k mask is built. Reads the answer to the host: call it on CPU tensors
+    (:func:`visible_blocks`) to decide a loop's schedule before the loop."""
     if q_doc is None and k_doc is None:
         return not causal or bool(q_pos.max() >= k_pos.min())
-    return bool(visible_pairs(q_pos, k_pos, causal, q_doc, k_doc).any())
+    if q_doc is None or k_doc is None:
+        raise ValueError("give document ids for both queries and keys, or for neither")
+    q_real, k_real = q_doc >= 0, k_doc >= 0  # padding (id -1) sees nothing and is never seen
+    if not (bool(q_real.any()) and bool(k_real.any())):
+        return False
+    documents = int(max(q_doc.max(), k_doc.max())) + 1
+    none = torch.iinfo(torch.long).max  # a document without keys: its earliest key is "never"
+    latest = torch.full((documents,), -1, dtype=torch.long, device=q_pos.device)
+    latest = latest.scatter_reduce(0, q_doc[q_real].long(), q_pos[q_real].long(), "amax")
+    earliest = torch.full((documents,), none, dtype=torch.long, device=k_pos.device)
+    earliest = earliest.scatter_reduce(0, k_doc[k_real].long(), k_pos[k_real].long(), "amin")
+    shared = (latest >= 0) & (earliest < none)  # documents holding a query and a key
+    if not causal:
+        return bool(shared.any())
+    return bool((shared & (earliest <= latest)).any())
+
+
+def visible_blocks(
+    positions: list[torch.Tensor], documents: list[torch.Tensor | None], causal: bool
+) -> list[list[bool]]:
+    """Which blocks a method computes: ``table[i][j]`` is whether rank i's queries see any key
+    of rank j's block (:func:`any_visible`). positions, documents: W x (S_j,) every rank's (ids,
+    or W x None). Give CPU tensors: the methods decide their schedule once, on the host, before
+    the first message, so no step waits on the device to learn whether to compute."""
+    return [[any_visible(positions[i], positions[j], causal, documents[i], documents[j])
+             for j in range(len(positions))] for i in range(len(positions))]  # fmt: skip
 
 
 def group_query_heads(x: torch.Tensor, heads_kv: int) -> torch.Tensor:

@@ -49,6 +49,16 @@ def gathered_documents(
     return gathered_positions(documents, degree)
 
 
+def gathered_visibility(visible: list[list[bool]], degree: int) -> list[list[bool]]:
+    """visible: W x W, ``visible[a][b]`` whether rank a's queries see any key of rank b's
+    (``sptutor.blocks.visible_blocks``). Returns R x R for the ring over the ulysses groups of
+    ``degree`` = U contiguous ranks (:func:`gathered_positions`): ring rank i sees ring rank j's
+    block iff some rank of group i sees some rank of group j."""
+    groups = [range(i, i + degree) for i in range(0, len(visible), degree)]
+    return [[any(visible[a][b] for a in mine for b in theirs) for theirs in groups]
+            for mine in groups]  # fmt: skip
+
+
 def group_sizes(positions: list[torch.Tensor], degree: int) -> list[list[int]]:
     """positions: W x (S_r,) every rank's. Returns R lists of U shard lengths: those of each
     ulysses group of ``degree`` = U contiguous ranks, in rank order (what its all-to-alls pad to

@@ -27,9 +27,10 @@ from sptutor import backends, blocks, comm, padding
 from sptutor.checks import check_qkv
 
 
-def _forward(q, k, v, positions, documents, causal, scale, group, backend):
+def _forward(q, k, v, positions, documents, visible, causal, scale, group, backend):
     """q: (B, S_r, Hq, D); k, v: (B, S_r, Hkv, D); positions: W x (S_i,), every group rank's;
-    documents: W x (S_i,) document ids, or W x None.
+    documents: W x (S_i,) document ids, or W x None; visible: W bools, whether this rank's
+    queries see any key of rank i's block (decided on the host).
 
     Returns out: (B, S_r, Hq, D) in q's dtype, lse: (B, Hq, S_r) in the accumulation dtype, and
     kv_gathered: (W, 2, B, L, Hkv, D) (kept for backward), L = max S_i.
@@ -49,7 +50,7 @@ def _forward(q, k, v, positions, documents, causal, scale, group, backend):
     # kv_gathered[src] is rank src's [K‖V] as this rank received it
     for src, kv in enumerate(kv_gathered):
         theirs = (positions[src], documents[src])
-        if not blocks.any_visible(mine[0], theirs[0], causal, mine[1], theirs[1]):
+        if not visible[src]:
             continue  # fully masked (by positions or documents): nothing to compute
         k_block, v_block = padding.unpad(kv, sizes[src], dim=2)  # the padding dropped
         block_out, block_lse = backends.attention_forward(
@@ -61,9 +62,10 @@ def _forward(q, k, v, positions, documents, causal, scale, group, backend):
     return out.to(q.dtype), lse, kv_gathered
 
 
-def _backward(dout, q, kv_gathered, out, lse, positions, documents, causal, scale, group, backend):
+def _backward(dout, q, kv_gathered, out, lse, positions, documents, visible, causal, scale, group,
+              backend):  # fmt: skip
     """dout, out: (B, S_r, Hq, D); lse: (B, Hq, S_r); kv_gathered as ``_forward`` kept it;
-    positions, documents as there.
+    positions, documents, visible as there.
 
     Returns dq: (B, S_r, Hq, D) and dk, dv: (B, S_r, Hkv, D), in q's dtype.
     """
@@ -77,7 +79,7 @@ def _backward(dout, q, kv_gathered, out, lse, positions, documents, causal, scal
     mine = (positions[rank], documents[rank])
     for src, kv in enumerate(kv_gathered):
         theirs = (positions[src], documents[src])
-        if not blocks.any_visible(mine[0], theirs[0], causal, mine[1], theirs[1]):
+        if not visible[src]:
             continue
         k_block, v_block = padding.unpad(kv, sizes[src], dim=2)
         block_dq, block_dk, block_dv = backends.attention_backward(
@@ -97,12 +99,12 @@ def _backward(dout, q, kv_gathered, out, lse, positions, documents, causal, scal
 
 class _LSSAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, positions, documents, causal, scale, group, backend):
+    def forward(ctx, q, k, v, positions, documents, visible, causal, scale, group, backend):
         out, lse, kv_gathered = _forward(
-            q, k, v, positions, documents, causal, scale, group, backend
+            q, k, v, positions, documents, visible, causal, scale, group, backend
         )
         ctx.save_for_backward(q, out, lse, kv_gathered)
-        ctx.options = (positions, documents, causal, scale, group, backend)
+        ctx.options = (positions, documents, visible, causal, scale, group, backend)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -110,7 +112,7 @@ class _LSSAttention(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         q, out, lse, kv_gathered = ctx.saved_tensors
         dq, dk, dv = _backward(dout.contiguous(), q, kv_gathered, out, lse, *ctx.options)
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 def lss_attention(
@@ -137,9 +139,12 @@ def lss_attention(
     (differentiable), with ``return_lse`` also lse: (B, Hq, S_r) (detached).
     """
     check_qkv(q, k, v)
-    positions, documents, backend, scale = backends.prepare(
+    positions, documents, visible, backend, scale = backends.prepare(
         "lss", q, k, group=group, causal=causal, layout=layout, backend=backend, scale=scale,
         return_lse=return_lse, seq_len=seq_len, cu_seqlens=cu_seqlens,
     )  # fmt: skip
-    out, lse = _LSSAttention.apply(q, k, v, positions, documents, causal, scale, group, backend)
+    rank = comm.rank_and_size(group)[0]
+    out, lse = _LSSAttention.apply(
+        q, k, v, positions, documents, visible[rank], causal, scale, group, backend
+    )
     return (out, lse) if return_lse else out

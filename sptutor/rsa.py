@@ -30,9 +30,10 @@ from sptutor import backends, blocks, comm, padding, rows
 from sptutor.checks import check_qkv
 
 
-def _forward(q, k, v, positions, documents, causal, scale, group):
+def _forward(q, k, v, positions, documents, visible, causal, scale, group):
     """q: (B, S_r, Hq, D); k, v: (B, S_r, Hkv, D); positions: W x (S_i,), every group rank's;
-    documents: W x (S_i,) document ids, or W x None.
+    documents: W x (S_i,) document ids, or W x None; visible: W bools, whether this rank's
+    queries see any key of rank i's block (decided on the host).
 
     Returns out: (B, S_r, Hq, D) in q's dtype, lse: (B, Hq, S_r) in the accumulation dtype, and
     probs: (B, Hq, S_r, S) in q's dtype (kept for backward).
@@ -53,7 +54,7 @@ def _forward(q, k, v, positions, documents, causal, scale, group):
                                     receive_tokens=len(positions[(src - 1) % W]))  # fmt: skip
         (k_block,) = k_from_prev_rank
         mine, theirs = (positions[rank], documents[rank]), (positions[src], documents[src])
-        if blocks.any_visible(mine[0], theirs[0], causal, mine[1], theirs[1]):
+        if visible[src]:  # decided on the host: a hidden block is skipped
             scores[..., spans[src]] = rows.scores_block(
                 q, k_block, mine[0], theirs[0], causal, scale, mine[1], theirs[1]
             )
@@ -71,8 +72,7 @@ def _forward(q, k, v, positions, documents, causal, scale, group):
             shift = comm.ring_shift(v_from_prev_rank, group, phase="forward", step=step,
                                     receive_tokens=len(positions[(src - 1) % W]))  # fmt: skip
         (v_block,) = v_from_prev_rank
-        mine, theirs = (positions[rank], documents[rank]), (positions[src], documents[src])
-        if blocks.any_visible(mine[0], theirs[0], causal, mine[1], theirs[1]):
+        if visible[src]:
             out += rows.weighted_block(probs[..., spans[src]], v_block)
         if step < W - 1:
             v_from_prev_rank = shift.wait()
@@ -80,10 +80,10 @@ def _forward(q, k, v, positions, documents, causal, scale, group):
     return out.to(q.dtype), lse, probs
 
 
-def _backward(dout, q, k, v, probs, positions, documents, causal, scale, group):
+def _backward(dout, q, k, v, probs, positions, documents, visible, causal, scale, group):
     """dout: (B, S_r, Hq, D); probs: (B, Hq, S_r, S) stored by the forward; q, k, v, positions,
-    documents as in ``_forward``. Returns dq: (B, S_r, Hq, D) and dk, dv: (B, S_r, Hkv, D), in
-    q's dtype.
+    documents, visible as in ``_forward``. Returns dq: (B, S_r, Hq, D) and dk, dv:
+    (B, S_r, Hkv, D), in q's dtype.
     """
     rank, W = comm.rank_and_size(group)
     acc = blocks.accumulation_dtype(q.dtype)
@@ -99,8 +99,7 @@ def _backward(dout, q, k, v, probs, positions, documents, causal, scale, group):
             shift = comm.ring_shift(v_from_prev_rank, group, phase="backward", step=step,
                                     receive_tokens=len(positions[(src - 1) % W]))  # fmt: skip
         (v_block,) = v_from_prev_rank
-        mine, theirs = (positions[rank], documents[rank]), (positions[src], documents[src])
-        if blocks.any_visible(mine[0], theirs[0], causal, mine[1], theirs[1]):
+        if visible[src]:
             dprobs[..., spans[src]] = rows.dprobs_block(dout, v_block)
         if step < W - 1:
             v_from_prev_rank = shift.wait()
@@ -117,8 +116,7 @@ def _backward(dout, q, k, v, probs, positions, documents, causal, scale, group):
             shift = comm.ring_shift(k_from_prev_rank, group, phase="backward", step=step,
                                     receive_tokens=len(positions[(src - 1) % W]))  # fmt: skip
         (k_block,) = k_from_prev_rank
-        mine, theirs = (positions[rank], documents[rank]), (positions[src], documents[src])
-        if blocks.any_visible(mine[0], theirs[0], causal, mine[1], theirs[1]):
+        if visible[src]:
             dq += rows.weighted_block(dscores[..., spans[src]], k_block) * scale
         if step < W - 1:
             k_from_prev_rank = shift.wait()
@@ -145,10 +143,10 @@ def _all_reduced_key_gradient(weights, x, heads_kv, factor, spans, group):
 
 class _RingSelfAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, positions, documents, causal, scale, group):
-        out, lse, probs = _forward(q, k, v, positions, documents, causal, scale, group)
+    def forward(ctx, q, k, v, positions, documents, visible, causal, scale, group):
+        out, lse, probs = _forward(q, k, v, positions, documents, visible, causal, scale, group)
         ctx.save_for_backward(q, k, v, probs)
-        ctx.options = (positions, documents, causal, scale, group)
+        ctx.options = (positions, documents, visible, causal, scale, group)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -156,7 +154,7 @@ class _RingSelfAttention(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         q, k, v, probs = ctx.saved_tensors
         dq, dk, dv = _backward(dout.contiguous(), q, k, v, probs, *ctx.options)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 def rsa_attention(
@@ -188,9 +186,12 @@ def rsa_attention(
     """
     check_qkv(q, k, v)
     # a bad backend name is an error, but the full score rows stay in torch (Design, *Public API*)
-    positions, documents, _, scale = backends.prepare(
+    positions, documents, visible, _, scale = backends.prepare(
         "rsa", q, k, group=group, causal=causal, layout=layout, backend=backend, scale=scale,
         return_lse=return_lse, seq_len=seq_len, cu_seqlens=cu_seqlens,
     )  # fmt: skip
-    out, lse = _RingSelfAttention.apply(q, k, v, positions, documents, causal, scale, group)
+    rank = comm.rank_and_size(group)[0]
+    out, lse = _RingSelfAttention.apply(
+        q, k, v, positions, documents, visible[rank], causal, scale, group
+    )
     return (out, lse) if return_lse else out

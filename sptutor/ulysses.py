@@ -213,7 +213,7 @@ def ulysses_attention(
     """
     _, degree = comm.rank_and_size(group)
     _check_inputs(q, k, v, degree)
-    positions, documents, backend, scale = backends.prepare(
+    positions, documents, _, backend, scale = backends.prepare(  # one block: nothing to skip
         "ulysses", q, k, group=group, causal=causal, layout=layout, backend=backend, scale=scale,
         return_lse=return_lse, seq_len=seq_len, cu_seqlens=cu_seqlens,
     )  # fmt: skip

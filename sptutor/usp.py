@@ -36,9 +36,10 @@ def _group_sizes(positions, mesh):
     return heads.group_sizes(positions, mesh.ulysses)[ring_index]
 
 
-def _forward(q, k, v, positions, documents, causal, scale, mesh, backend):
+def _forward(q, k, v, positions, documents, visible, causal, scale, mesh, backend):
     """q: (B, S_r, Hq, D); k, v: (B, S_r, Hkv, D); positions: W x (S_j,), every mesh rank's;
-    documents: W x (S_j,) document ids, or W x None.
+    documents: W x (S_j,) document ids, or W x None; visible: R bools, whether this rank's ring
+    index sees any key of ring rank i's block (decided on the host, ``heads.gathered_visibility``).
 
     Returns out: (B, S_r, Hq, D) in q's dtype, and what this rank keeps for backward, in the
     heads layout (ring index i): q: (B, T_i, Hq/U, D), k, v: (B, T_i, max(Hkv/U, 1), D), out like
@@ -52,7 +53,7 @@ def _forward(q, k, v, positions, documents, causal, scale, mesh, backend):
     q_heads, k_heads, v_heads = ulysses._qkv_to_heads(q, k, v, mesh.ulysses_group, sizes)
     # ring attention over the ring group, on those tokens and heads
     out_heads, lse_heads = ring._forward(
-        q_heads, k_heads, v_heads, ring_positions, ring_documents, causal, scale,
+        q_heads, k_heads, v_heads, ring_positions, ring_documents, visible, causal, scale,
         mesh.ring_group, backend,
     )  # fmt: skip
     # heads -> sequence: (B, T_i, Hq/U, D) -> (B, S_r, Hq, D)
@@ -61,8 +62,9 @@ def _forward(q, k, v, positions, documents, causal, scale, mesh, backend):
     # END SOLUTION
 
 
-def _backward(dout, saved, positions, documents, causal, scale, heads_kv, mesh, backend):
-    """dout: (B, S_r, Hq, D); saved: what ``_forward`` kept; heads_kv: Hkv of the inputs.
+def _backward(dout, saved, positions, documents, visible, causal, scale, heads_kv, mesh, backend):
+    """dout: (B, S_r, Hq, D); saved: what ``_forward`` kept; heads_kv: Hkv of the inputs;
+    positions, documents, visible as in ``_forward``.
 
     Returns dq: (B, S_r, Hq, D) and dk, dv: (B, S_r, Hkv, D), in dout's dtype.
     """
@@ -74,8 +76,8 @@ def _backward(dout, saved, positions, documents, causal, scale, heads_kv, mesh, 
     dout_heads = ulysses._seq_to_heads(dout, mesh.ulysses_group, sizes, phase="backward")
     # the ring backward over the ring group
     dq_heads, dk_heads, dv_heads = ring._backward(
-        dout_heads, *saved, ring_positions, ring_documents, causal, scale, mesh.ring_group,
-        backend,
+        dout_heads, *saved, ring_positions, ring_documents, visible, causal, scale,
+        mesh.ring_group, backend,
     )  # fmt: skip
     # heads -> sequence, K/V replicas summed: (B, T_i, H/U, D) -> (B, S_r, H, D)
     return ulysses._grads_to_seq(dq_heads, dk_heads, dv_heads, sizes, heads_kv, mesh.ulysses_group)
@@ -84,10 +86,10 @@ def _backward(dout, saved, positions, documents, causal, scale, heads_kv, mesh, 
 
 class _UspAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, positions, documents, causal, scale, mesh, backend):
-        out, saved = _forward(q, k, v, positions, documents, causal, scale, mesh, backend)
+    def forward(ctx, q, k, v, positions, documents, visible, causal, scale, mesh, backend):
+        out, saved = _forward(q, k, v, positions, documents, visible, causal, scale, mesh, backend)
         ctx.save_for_backward(*saved)
-        ctx.options = (positions, documents, causal, scale, k.shape[2], mesh, backend)
+        ctx.options = (positions, documents, visible, causal, scale, k.shape[2], mesh, backend)
         lse_heads = saved[-1]
         ctx.mark_non_differentiable(lse_heads)
         return out, lse_heads
@@ -95,7 +97,7 @@ class _UspAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse_heads):
         dq, dk, dv = _backward(dout.contiguous(), ctx.saved_tensors, *ctx.options)
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 def _check_mesh(mesh) -> None:
@@ -145,13 +147,15 @@ def usp_attention(
     """
     _check_mesh(mesh)
     ulysses._check_inputs(q, k, v, mesh.ulysses)
-    positions, documents, backend, scale = backends.prepare(
+    positions, documents, visible, backend, scale = backends.prepare(
         "usp", q, k, group=mesh.group, causal=causal, layout=layout, backend=backend,
         scale=scale, ulysses=mesh.ulysses, return_lse=return_lse, seq_len=seq_len,
         cu_seqlens=cu_seqlens,
     )  # fmt: skip
+    ring_index = comm.rank_and_size(mesh.ring_group)[0]  # which ring rank this rank's group is
+    ring_visible = heads.gathered_visibility(visible, mesh.ulysses)[ring_index]
     out, lse_heads = _UspAttention.apply(
-        q, k, v, positions, documents, causal, scale, mesh, backend
+        q, k, v, positions, documents, ring_visible, causal, scale, mesh, backend
     )
     if not return_lse:
         return out

@@ -213,3 +213,24 @@ def test_attention_macs_count_visible_pairs():
     assert work.attention_macs(pos, pos, False, 2, 3, 5) == 2 * 2 * 3 * 5 * 16
     assert work.attention_macs(pos, pos, True, 2, 3, 5) == 2 * 2 * 3 * 5 * 10
     assert work.attention_macs(pos, pos + 4, True, 1, 1, 1) == 0
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 12), st.integers(-1, 2)), min_size=1, max_size=7),
+    st.lists(st.tuples(st.integers(0, 12), st.integers(-1, 2)), min_size=1, max_size=7),
+    st.booleans(),
+    st.booleans(),
+)
+def test_any_visible_says_whether_the_mask_shows_any_pair(queries, keys, causal, documents):
+    """any_visible (per document: latest query against earliest key, never an S_q x S_k mask)
+    == visible_pairs(...).any() for any positions, document ids and padding (-1); and
+    visible_blocks is that, for every pair of ranks."""
+    q_pos, q_doc = (torch.tensor(column) for column in zip(*queries))
+    k_pos, k_doc = (torch.tensor(column) for column in zip(*keys))
+    if not documents:
+        q_doc = k_doc = None
+    shown = bool(blocks.visible_pairs(q_pos, k_pos, causal, q_doc, k_doc).any())
+    assert blocks.any_visible(q_pos, k_pos, causal, q_doc, k_doc) == shown
+    table = blocks.visible_blocks([q_pos, k_pos], [q_doc, k_doc], causal)
+    assert table[0][1] == shown
+    assert table[1][0] == bool(blocks.visible_pairs(k_pos, q_pos, causal, k_doc, q_doc).any())
