@@ -18,8 +18,9 @@ from importlib import metadata
 from pathlib import Path
 
 import sptutor
-from sptutor import layout, train
 from sptutor.methods import METHODS
+from sptutor.train import command as train_command
+from sptutor.train.command import CHOICES
 
 DEFAULT_OUT = "sptutor-bench"  # where a bare ``bench --out`` writes, in the current directory
 EPILOG = """\
@@ -28,30 +29,6 @@ are in the docs/ folder of the sptutor repository ('mkdocs serve' there builds t
 Python API is in the docstrings: 'python -c "import sptutor; help(sptutor)"'.
 """
 
-TRAIN_HELP = {
-    "method": "sequence-parallel attention: softmax (rsa, ring, ulysses, usp, lss) or linear "
-    "(lasp, lasp2)",
-    "world": "number of CPU processes W = sp * dp",
-    "sp": "sequence-parallel degree: processes that share one sequence (default: world / dp)",
-    "dp": "data-parallel degree: replicas, each on its own sequences (default: world / sp)",
-    "ulysses": "usp only: Ulysses degree U of its U x R mesh (default: 2 if sp is even, else 1)",
-    "steps": "optimizer steps",
-    "layout": "how a sequence is cut over the sp processes (lasp, lasp2: contiguous only)",
-    "dtype": "dtype of the weights and activations",
-    "batch": "sequences per DP replica and step",
-    "seq_len": "characters per sequence, S",
-    "d_model": "model width; head size d_model / Hq must be even (RoPE rotates pairs)",
-    "heads_q": "query heads Hq",
-    "heads_kv": "key/value heads Hkv, dividing Hq (Hkv < Hq is GQA)",
-    "layers": "transformer blocks",
-    "lr": "AdamW learning rate",
-    "seed": "seed of the weights and of the batches",
-    "pack_documents": "pack N documents into each sequence, cut anew each step from the seed "
-    "(attention stays inside a document; a document's last token predicts nothing); 0: no packing",
-    "rope_per_document": "RoPE angles from each token's position inside its document, not its "
-    "global position (softmax methods)",
-}
-CHOICES = {"method": train.METHODS, "layout": layout.LAYOUTS, "dtype": ("float32", "float64")}
 TRACE_HELP = {
     "world": "number of emulated ranks W",
     "layout": "how the sequence is cut over the ranks (lasp, lasp2: contiguous only)",
@@ -101,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("tour", help=about_tour, description=_sentence(about_tour))
     trace_parser = _add_trace_parser(commands)
     bench_parser = _add_bench_parser(commands)
-    train_parser = _add_train_parser(commands)
+    train_parser = train_command.add_parser(commands)
     from sptutor.checker import command as check_command
 
     check_parser = check_command.add_parser(commands)
@@ -120,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         return _bench(args, bench_parser)
     if args.command == "train":
-        return _train(args, train_parser)
+        return train_command.run(args, train_parser)
     if args.command == "check":
         return check_command.run(args, check_parser)
     if args.command == "grade":
@@ -223,44 +200,6 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     module = import_module(f"sptutor.bench.{'timing' if args.what == 'time' else args.what}")
     return module.run(out=args.out, quick=args.quick)
-
-
-def _add_train_parser(commands) -> argparse.ArgumentParser:
-    """``sptutor train``: one option per field of ``sptutor.train.TrainConfig``, its default."""
-    command = commands.add_parser(
-        "train", help="train a tiny GPT with a sequence-parallel method on W CPU processes",
-        description="Train a tiny GPT on a shipped essay, character by character, with one "
-        "sequence-parallel method on W = sp * dp CPU processes; rank 0 prints the loss per step.",
-    )  # fmt: skip
-    for field in dataclasses.fields(train.TrainConfig):
-        if field.type == "bool":
-            flag, about = "--" + field.name.replace("_", "-"), TRAIN_HELP[field.name]
-            command.add_argument(flag, action="store_true", help=about + " (default: %(default)s)")
-            continue
-        known = field.default is not None  # sp, dp, ulysses: derived, said in their help
-        command.add_argument(
-            "--" + field.name.replace("_", "-"), default=field.default,
-            type=type(field.default) if known else int, choices=CHOICES.get(field.name),
-            help=TRAIN_HELP[field.name] + (" (default: %(default)s)" if known else ""),
-        )  # fmt: skip
-    command.add_argument(
-        "--baseline", action="store_true",
-        help="first train the same model on one process, attention unsplit, and compare the losses",
-    )  # fmt: skip
-    return command
-
-
-def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    """Check the run's preconditions (``TrainConfig.check``) before any process starts, then
-    train; a broken one ends as ``sptutor train: error: <sentence>``, exit code 2."""
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "baseline")}
-    config = train.TrainConfig(**options)
-    try:
-        config.check()
-    except ValueError as error:
-        parser.exit(2, f"{parser.prog}: error: {error}\n")  # parser.error's line, no usage
-    train.run(config, baseline=args.baseline)
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""Train the tiny GPT on W CPU processes with any SP method: what ``sptutor train`` runs.
+"""Train the tiny GPT on W processes with any SP method: what ``sptutor train`` runs (W gloo
+processes, :func:`run`) and ``torchrun -m sptutor.train`` (torchrun's ranks, NCCL on GPUs,
+:func:`run_torchrun`).
 
 The corpus is an essay on sequence parallelism that ships with sptutor (``sptutor/data/``), read
 character by character. At each step the same global batch of ``dp · batch`` windows is drawn on
@@ -18,21 +20,26 @@ first character of the next document, or past the sequence) is not counted in th
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from importlib import resources
 
 import torch
 import torch.distributed as dist
 
-from sptutor import console, launch, layout
+from sptutor import console, launch, layout, torchrun
 from sptutor.checks import check_ulysses_heads
 from sptutor.mesh import check_mesh_sizes
 from sptutor.methods import METHODS
 from sptutor.model import GPTConfig, TinyGPT
 from sptutor.parallel import Grid, average_gradients, make_grid
+from sptutor.train.batches import (  # noqa: F401 (CORPUS: re-exported)
+    CORPUS,
+    document_offsets,
+    global_batch,
+    load_corpus,
+    local_batch,
+)
 
-CORPUS = "sequence_parallelism.txt"
 SIZES = ("world", "steps", "batch", "seq_len", "d_model", "heads_q", "heads_kv", "layers")
 
 
@@ -152,70 +159,26 @@ class TrainResult:
     baseline_losses: list[float] | None = None
 
 
-def load_corpus() -> tuple[torch.Tensor, int]:
-    """The shipped essay as character ids: (N,) long, and the vocabulary size (its characters)."""
-    text = resources.files("sptutor").joinpath("data", CORPUS).read_text(encoding="utf-8")
-    characters = sorted(set(text))
-    index = {c: i for i, c in enumerate(characters)}
-    return torch.tensor([index[c] for c in text], dtype=torch.long), len(characters)
+def train_on_rank(
+    rank: int, world: int, config: TrainConfig, verbose: bool, device: torch.device | None = None
+) -> list[float]:
+    """Body of each process: build the grid and the model, train, return the global losses.
 
-
-def document_offsets(config: TrainConfig, step: int) -> torch.Tensor | None:
-    """The step's packed documents, the same on every process and for every row: cu_seqlens
-    (N+1,) with N = ``pack_documents`` non-empty documents, its N-1 cuts drawn from the seed among
-    1..S-1; None without packing."""
-    if not config.pack_documents:
-        return None
-    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step + 500_009)
-    cuts = torch.randperm(config.seq_len - 1, generator=generator)[: config.pack_documents - 1]
-    return torch.cat([torch.tensor([0]), (cuts + 1).sort().values, torch.tensor([config.seq_len])])
-
-
-def global_batch(ids: torch.Tensor, config: TrainConfig, step: int):
-    """The step's sequences, the same on every process: inputs, targets: (dp·batch, S) each.
-
-    Each row is S + 1 characters, inputs its first S, targets its last S (the next characters,
-    taken before any sharding): one window of the corpus, or, packed, one excerpt per document of
-    :func:`document_offsets` and then the first character of one more (each from its own random
-    start), so the target of a document's last token is the next document's first character.
+    ``device``: where the model and every batch live (default: the CPU; the model moves the
+    cu_seqlens to its inputs' device); the process group must reach it (gloo the CPU, NCCL
+    ``cuda:LOCAL_RANK``). Rank 0 prints a line per step when ``verbose``. Returns
+    ``config.steps`` floats, the same on every rank.
     """
-    rows = config.grid_sizes()[1] * config.batch
-    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-    offsets = document_offsets(config, step)  # packed: N documents, then one more character
-    lengths = [config.seq_len + 1] if offsets is None else [*offsets.diff().tolist(), 1]
-    starts = torch.randint(0, ids.numel() - config.seq_len - 1, (rows, len(lengths)),
-                           generator=generator).tolist()  # fmt: skip
-    windows = torch.stack([torch.cat([ids[s : s + n] for s, n in zip(row, lengths)])
-                           for row in starts])  # fmt: skip
-    return windows[:, :-1], windows[:, 1:]  # (rows, S+1) -> (rows, S) each
-
-
-def local_batch(inputs: torch.Tensor, targets: torch.Tensor, grid: Grid, config: GPTConfig):
-    """This rank's piece of a global batch: its replica's rows, its layout's tokens.
-
-    inputs, targets: (dp·B, S) -> (B, S_r) each, W = ``grid.sp`` (S_r = S/W, or one token more
-    or fewer when W does not divide S).
-    """
-    batch = inputs.shape[0] // grid.dp
-    rows = slice(grid.dp_rank * batch, (grid.dp_rank + 1) * batch)
-    tokens = layout.positions(
-        inputs.shape[1], world=grid.sp, rank=grid.sp_rank, layout=config.layout,
-        ulysses=config.ulysses,
-    )  # fmt: skip
-    return inputs[rows][:, tokens], targets[rows][:, tokens]
-
-
-def train_on_rank(rank: int, world: int, config: TrainConfig, verbose: bool) -> list[float]:
-    """Body of each process: build the grid and the model, train, return the global losses."""
     ids, vocab = load_corpus()
     sp, dp = config.grid_sizes()
     grid = make_grid(sp, dp, ulysses=config.ulysses_degree() if config.method == "usp" else None)
     model_config = config.model_config(vocab)
-    model = TinyGPT(model_config, seed=config.seed)
+    model = TinyGPT(model_config, seed=config.seed).to(device)  # built on CPU: the same everywhere
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
     losses, start = [], time.perf_counter()
     for step in range(config.steps):
-        ids_shard, targets_shard = local_batch(*global_batch(ids, config, step), grid, model_config)
+        shards = local_batch(*global_batch(ids, config, step), grid, model_config)
+        ids_shard, targets_shard = (x.to(device) for x in shards)  # (B, S_r) each
         loss = model(ids_shard, targets_shard, group=grid.sp_group, mesh=grid.mesh,
                      seq_len=config.seq_len, cu_seqlens=document_offsets(config, step))  # fmt: skip
         optimizer.zero_grad()
@@ -240,12 +203,22 @@ def _global_loss(loss: torch.Tensor, grid: Grid) -> float:
     return total.item() / grid.dp
 
 
-def _packing_line(config: TrainConfig) -> str:
-    """What packing does, in one line, with the first step's cu_seqlens."""
-    count, first = config.pack_documents, document_offsets(config, 0).tolist()
-    return (f"packing {count} documents per sequence, cut anew each step (step 1: cu_seqlens="
-            f"{first}); attention stays inside each document; the target of each document's last "
-            f"token is not counted ({count} of S={config.seq_len} per sequence)")  # fmt: skip
+def _announce(config: TrainConfig) -> None:
+    """Print what the run is (and, packing, what packing does, with step 1's cu_seqlens)."""
+    print(config.describe(), flush=True)
+    if config.pack_documents:
+        count, first = config.pack_documents, document_offsets(config, 0).tolist()
+        print(f"packing {count} documents per sequence, cut anew each step (step 1: cu_seqlens="
+              f"{first}); attention stays inside each document; the target of each document's "
+              f"last token is not counted ({count} of S={config.seq_len} per sequence)",
+              flush=True)  # fmt: skip
+
+
+def _compare(losses: list[float], reference: list[float]) -> None:
+    """Print the largest relative difference between the two loss curves."""
+    worst = max(abs(a - b) / abs(b) for a, b in zip(losses, reference))
+    print(f"largest relative difference from the baseline over {len(losses)} steps: "
+          f"{worst:.2e}", flush=True)  # fmt: skip
 
 
 @contextmanager
@@ -261,15 +234,20 @@ def one_thread():
 
 
 @one_thread()
-def train_single(config: TrainConfig, verbose: bool = True) -> list[float]:
-    """The baseline: the same model with full attention on one process, whole global batch."""
+def train_single(
+    config: TrainConfig, verbose: bool = True, device: torch.device | None = None
+) -> list[float]:
+    """The baseline: the same model with full attention on one process, whole global batch, on
+    ``device`` (default: the CPU). Returns ``config.steps`` losses; prints a line per step when
+    ``verbose``."""
     ids, vocab = load_corpus()
     model_config = config.model_config(vocab).baseline()
-    model = TinyGPT(model_config, seed=config.seed)
+    model = TinyGPT(model_config, seed=config.seed).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
     losses, start = [], time.perf_counter()
     for step in range(config.steps):
-        loss = model(*global_batch(ids, config, step), cu_seqlens=document_offsets(config, step))
+        inputs, targets = (x.to(device) for x in global_batch(ids, config, step))  # (dp·B, S)
+        loss = model(inputs, targets, cu_seqlens=document_offsets(config, step))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -287,13 +265,35 @@ def run(config: TrainConfig, *, baseline: bool = False, verbose: bool = True) ->
     """
     config.check()  # every precondition, before starting any process
     if verbose:
-        print(config.describe(), flush=True)
-        if config.pack_documents:
-            print(_packing_line(config), flush=True)
+        _announce(config)
     reference = train_single(config, verbose) if baseline else None
     losses = launch.spawn(train_on_rank, config.world, (config, verbose))[0]
     if verbose and reference is not None:
-        worst = max(abs(a - b) / abs(b) for a, b in zip(losses, reference))
-        print(f"largest relative difference from the baseline over {config.steps} steps: "
-              f"{worst:.2e}", flush=True)  # fmt: skip
+        _compare(losses, reference)
+    return TrainResult(losses, reference)
+
+
+def run_torchrun(config: TrainConfig, *, baseline: bool = False, verbose: bool = True):
+    """Train on the ranks torchrun started, this process being one of them (every rank calls it).
+
+    Joins torchrun's group (``sptutor.torchrun.init``: NCCL and ``cuda:LOCAL_RANK`` when CUDA is
+    available, else gloo on the CPU, one thread per rank as :func:`run`'s processes); its
+    WORLD_SIZE must be ``config.world`` (``ValueError`` otherwise, as for any precondition, before
+    any collective). With ``baseline`` rank 0 trains the single-process baseline first, on its
+    device. Rank 0 prints what :func:`run` prints. Returns a :class:`TrainResult`: the global
+    losses on every rank, the baseline's on rank 0 only.
+    """
+    torchrun.init()
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if config.world != world:
+        raise ValueError(f"world must be torchrun's WORLD_SIZE={world}, got world={config.world}")
+    config.check()
+    here, first = torchrun.device(), rank == 0
+    if verbose and first:
+        _announce(config)
+    with one_thread() if here.type == "cpu" else nullcontext():
+        reference = train_single(config, verbose, here) if baseline and first else None
+        losses = train_on_rank(rank, world, config, verbose, here)
+    if verbose and reference is not None:
+        _compare(losses, reference)
     return TrainResult(losses, reference)
