@@ -37,7 +37,6 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.util import Finalize
 from typing import Any
 
-import cloudpickle
 import torch
 import torch.distributed as dist
 
@@ -51,20 +50,22 @@ class SpawnError(RuntimeError):
     """A launch (``spawn``, a ``Pool``, a task) failed; the message names whom to blame, and why."""
 
 
-class _Pickler(cloudpickle.Pickler):
-    """cloudpickle, plus importable modules of a ModuleType subclass (``torch.backends``) by name:
-    cloudpickle does that for exact ModuleTypes only (left to it: register_pickle_by_value)."""
+def _dumps(obj: Any) -> bytes:
+    """cloudpickle.dumps, plus importable modules of a ModuleType subclass (``torch.backends``)
+    by name: cloudpickle does that for exact ModuleTypes only (left to it:
+    register_pickle_by_value). cloudpickle is imported here, on first use, so that the rest of
+    sptutor (the methods, torchrun's entry points) imports without it."""
+    import cloudpickle
 
-    def reducer_override(self, obj: Any) -> Any:
-        subclass = isinstance(obj, types.ModuleType) and type(obj) is not types.ModuleType
-        if subclass and sys.modules.get(obj.__name__) is obj:
-            return importlib.import_module, (obj.__name__,)
-        return super().reducer_override(obj)
+    class Pickler(cloudpickle.Pickler):
+        def reducer_override(self, obj: Any) -> Any:
+            subclass = isinstance(obj, types.ModuleType) and type(obj) is not types.ModuleType
+            if subclass and sys.modules.get(obj.__name__) is obj:
+                return importlib.import_module, (obj.__name__,)
+            return super().reducer_override(obj)
 
-
-def _dumps(obj: Any) -> bytes:  # cloudpickle.dumps, with the pickler above
     buffer = io.BytesIO()
-    _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
     return buffer.getvalue()
 
 
@@ -95,7 +96,7 @@ def _child(
             _answer(conn, "ok", pickle.dumps(None))  # in the group: ready for tasks
             while True:
                 try:
-                    fn, args = cloudpickle.loads(conn.recv_bytes())
+                    fn, args = pickle.loads(conn.recv_bytes())  # cloudpickle output is pickle
                 except EOFError:  # the parent closed its end of the pipe (or died): no more tasks
                     break
                 _answer(conn, "ok", pickle.dumps(fn(rank, world, *args)))

@@ -3,8 +3,9 @@
 A benchmark, not a test: it prints a table and checks nothing. For each case (B, Hq, Hkv, S, D,
 causal) it times :func:`sptutor.kernels.flash_attention_forward` and
 :func:`~sptutor.kernels.flash_attention_backward` against
-``torch.nn.functional.scaled_dot_product_attention`` (which picks FlashAttention-2/3 or cuDNN
-on an H100) in the same dtype, and prints TFLOP/s and the ratio ours / SDPA.
+``torch.nn.functional.scaled_dot_product_attention`` pinned to its flash backend (FlashAttention-2)
+in the same dtype (SDPA's own choice where flash refuses the case, e.g. float32), and prints
+TFLOP/s and the ratio ours / SDPA.
 
 FLOPs count the useful work only: ``4·B·Hq·S²·D`` forward (two matmuls of 2 FLOPs per
 multiply-add), half of it causal, and 2.5 times that backward (five matmuls instead of two).
@@ -41,8 +42,9 @@ class Case:
 
 
 def cases(quick: bool = False) -> list[Case]:
-    """Typical LLM shapes: D 64 and 128, S from 1k to 16k, MHA and GQA, causal and not."""
-    seqs = (1024, 4096) if quick else (1024, 4096, 16384)
+    """Typical LLM shapes: D 64 and 128, S from 4k to 32k (16k tokens a batch, 2048 model
+    width), MHA and GQA, causal and not."""
+    seqs = (4096, 16384) if quick else (4096, 16384, 32768)
     found = []
     for head_dim in (64, 128):
         for seq_len in seqs:
@@ -62,8 +64,41 @@ def _milliseconds(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def _time_case(case: Case, dtype: torch.dtype) -> tuple[float, float, float, float]:
-    """ms of (ours forward, SDPA forward, ours backward, SDPA backward) for one case."""
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """ms of one case: ours and SDPA's forward and backward, and which SDPA backend ran."""
+
+    ours_fwd: float
+    sdpa_fwd: float
+    ours_bwd: float
+    sdpa_bwd: float
+    sdpa: str
+
+    def tflops(self, case: Case) -> tuple[float, float, float, float]:
+        """TFLOP/s of useful work: ours fwd, SDPA fwd, ours bwd, SDPA bwd."""
+        fwd, bwd = case.flops() / 1e9, case.flops(backward=True) / 1e9  # GFLOP / ms = TFLOP/s
+        return fwd / self.ours_fwd, fwd / self.sdpa_fwd, bwd / self.ours_bwd, bwd / self.sdpa_bwd
+
+
+def _sdpa_backend(sdpa, q, k, v, options) -> str:
+    """Which SDPA backend the case gets: "flash" when its flash backend takes it, else
+    "default" (SDPA's own choice)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    try:
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            sdpa(q, k, v, **options)
+    except RuntimeError:
+        return "default"
+    return "flash"
+
+
+def _time_case(case: Case, dtype: torch.dtype) -> Timing:
+    """Times of ours and SDPA's (flash backend where it takes the case) forward and backward."""
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     from sptutor import kernels
 
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -81,11 +116,22 @@ def _time_case(case: Case, dtype: torch.dtype) -> tuple[float, float, float, flo
     q_t, k_t, v_t = (x.transpose(1, 2).detach().requires_grad_() for x in (q, k, v))
     sdpa = torch.nn.functional.scaled_dot_product_attention
     gqa = dict(is_causal=case.causal, enable_gqa=case.heads_q != case.heads_kv)
-    sdpa_fwd = _milliseconds(lambda: sdpa(q_t, k_t, v_t, **gqa))
-    sdpa_out = sdpa(q_t, k_t, v_t, **gqa)
+    backend = _sdpa_backend(sdpa, q_t, k_t, v_t, gqa)
+
+    def pinned():
+        if backend == "flash":
+            return sdpa_kernel(SDPBackend.FLASH_ATTENTION)
+        return contextlib.nullcontext()
+
+    def sdpa_forward():
+        with pinned():
+            return sdpa(q_t, k_t, v_t, **gqa)
+
+    sdpa_fwd = _milliseconds(sdpa_forward)
+    sdpa_out = sdpa_forward()
     dout_t = dout.transpose(1, 2)
     sdpa_bwd = _milliseconds(lambda: sdpa_out.backward(dout_t, retain_graph=True))
-    return ours_fwd, sdpa_fwd, ours_bwd, sdpa_bwd
+    return Timing(ours_fwd, sdpa_fwd, ours_bwd, sdpa_bwd, backend)
 
 
 def run_kernels(dtype: str = "bfloat16", quick: bool = False) -> int:
@@ -98,12 +144,13 @@ def run_kernels(dtype: str = "bfloat16", quick: bool = False) -> int:
         return 0
     torch_dtype = getattr(torch, dtype)
     print(f"{torch.cuda.get_device_name()}, {dtype}; TFLOP/s of useful work, ratio = ours / SDPA")
-    print(f"{'case':<48} {'fwd':>7} {'sdpa':>7} {'ratio':>6} {'bwd':>7} {'sdpa':>7} {'ratio':>6}")
+    print(f"{'case':<48} {'fwd':>7} {'sdpa':>7} {'ratio':>6} {'bwd':>7} {'sdpa':>7} {'ratio':>6}"
+          "  sdpa backend")  # fmt: skip
     for case in cases(quick):
-        ours_fwd, sdpa_fwd, ours_bwd, sdpa_bwd = _time_case(case, torch_dtype)
-        fwd, bwd = case.flops() / 1e9, case.flops(backward=True) / 1e9  # GFLOP / ms = TFLOP/s
+        timing = _time_case(case, torch_dtype)
+        ours_fwd, sdpa_fwd, ours_bwd, sdpa_bwd = timing.tflops(case)
         print(
-            f"{case!s:<48} {fwd / ours_fwd:7.1f} {fwd / sdpa_fwd:7.1f} {sdpa_fwd / ours_fwd:6.2f} "
-            f"{bwd / ours_bwd:7.1f} {bwd / sdpa_bwd:7.1f} {sdpa_bwd / ours_bwd:6.2f}"
+            f"{case!s:<48} {ours_fwd:7.1f} {sdpa_fwd:7.1f} {ours_fwd / sdpa_fwd:6.2f} "
+            f"{ours_bwd:7.1f} {sdpa_bwd:7.1f} {ours_bwd / sdpa_bwd:6.2f}  {timing.sdpa}"
         )
     return 0
