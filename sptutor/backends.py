@@ -1,12 +1,17 @@
 """Where block attention is computed: plain torch (``sptutor.blocks`` for softmax blocks,
-``sptutor.chunks`` for linear chunks) or our Triton kernels.
+``sptutor.chunks`` for linear chunks), torch's fused CPU flash kernel (``sptutor.fused``) or our
+Triton kernels.
 
 ``backend="auto"`` is ``"triton"`` for CUDA tensors when the optional triton package is installed
-(the ``kernels`` extra) and ``"torch"`` otherwise (see Design, *Public API*). ``"triton"`` also
-runs on CPU tensors, under the Triton interpreter (slow: for tests and reading; ``sptutor.kernels``
-turns the interpreter on when there is no GPU). Both backends take and return the same shapes and
-dtypes (partial results in the accumulation dtype), so a method's step loop does not care which
-one runs. RSA always computes on torch: its full score rows are the point.
+(the ``kernels`` extra), ``"fused"`` for CPU tensors, and ``"torch"`` otherwise (see Design,
+*Public API*). ``"torch"`` is the readable block math the oracle runs (slower; ask for it to step
+through or compare with the oracle). ``"fused"`` runs softmax blocks on
+``torch.ops.aten._scaled_dot_product_flash_attention_for_cpu``, CPU tensors only; it has no
+linear kernels, so linear chunks run on torch there. ``"triton"`` also runs on CPU tensors, under
+the Triton interpreter (slow: for tests and reading; ``sptutor.kernels`` turns the interpreter on
+when there is no GPU). All backends take and return the same shapes and dtypes (partial results in
+the accumulation dtype), so a method's step loop does not care which one runs. RSA always
+computes on torch: its full score rows are the point.
 """
 
 from __future__ import annotations
@@ -15,11 +20,11 @@ import importlib.util
 
 import torch
 
-from sptutor import agreement, blocks, chunks, comm
+from sptutor import agreement, blocks, chunks, comm, fused
 from sptutor import layout as layout_module
 from sptutor.layout import all_positions
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "fused", "triton")
 
 
 def _kernels():
@@ -37,12 +42,20 @@ def triton_installed() -> bool:
 def resolve(backend: str, like: torch.Tensor) -> str:
     """The concrete backend for tensors like ``like``; ValueError if unknown or unavailable.
 
-    ``"auto"`` is ``"triton"`` on CUDA tensors when triton is installed, else ``"torch"``.
+    ``"auto"`` is ``"triton"`` on CUDA tensors when triton is installed, ``"fused"`` on CPU
+    tensors, else ``"torch"``. ``"fused"`` needs CPU tensors.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if like.is_cuda and triton_installed() else "torch"
+        if like.is_cuda and triton_installed():
+            return "triton"
+        return "fused" if like.device.type == "cpu" else "torch"
+    if backend == "fused" and like.device.type != "cpu":
+        raise ValueError(
+            f"backend='fused' runs torch's CPU flash-attention kernel and needs CPU tensors, got "
+            f"{like.device} ones; use backend='auto' (triton on CUDA) or 'torch'"
+        )
     if backend == "triton":
         if not triton_installed():
             raise ValueError(
@@ -181,6 +194,8 @@ def attention_forward(
             q, k, v, q_pos=q_pos, k_pos=k_pos, q_doc=q_doc, k_doc=k_doc, causal=causal,
             scale=scale, out_dtype=blocks.accumulation_dtype(q.dtype),
         )  # fmt: skip
+    if backend == "fused":
+        return fused.attention_forward(q, k, v, q_pos, k_pos, causal, scale, q_doc, k_doc)
     return blocks.attention_block(q, k, v, q_pos, k_pos, causal, scale, q_doc, k_doc)
 
 
@@ -194,6 +209,10 @@ def attention_backward(
             dout, q, k, v, out, lse, q_pos=q_pos, k_pos=k_pos, q_doc=q_doc, k_doc=k_doc,
             causal=causal, scale=scale, grad_dtype=blocks.accumulation_dtype(q.dtype),
         )  # fmt: skip
+    if backend == "fused":
+        return fused.attention_backward(
+            dout, q, k, v, out, lse, q_pos, k_pos, causal, scale, q_doc, k_doc
+        )
     return blocks.attention_block_backward(
         dout, q, k, v, out, lse, q_pos, k_pos, causal, scale, q_doc, k_doc
     )

@@ -17,13 +17,14 @@ import torch
 import torch.distributed as dist
 
 import sptutor
-from sptutor import blocks, ledger, oracle
+from sptutor import blocks, layout, ledger, oracle
 from sptutor.checker import Adapter, Case, Report, Sweep, check, check_sptutor, random_inputs
 from sptutor.tolerances import (
     BASELINE_FACTOR,
     TOLERANCE,
     assert_close,
     assert_no_worse_than_baseline,
+    gradient_floor,
     oracle_tolerance,
     relative_error,
     tolerance,
@@ -42,6 +43,7 @@ __all__ = [
     "check",
     "check_sptutor",
     "compare_with_oracle",
+    "gradient_floor",
     "oracle_tolerance",
     "random_inputs",
     "relative_error",
@@ -160,11 +162,13 @@ def compare_with_oracle(case: Case, per_rank: dict[int, dict]) -> list[Compariso
         cu_seqlens=case.cu_seqlens_tensor(),
     )  # fmt: skip
     names = ("out", "dq", "dk", "dv") if case.is_linear else ("out", "lse", "dq", "dk", "dv")
+    dout_shards = layout.shard_by(dout, case.positions())  # the rows whose gradients flow in
     comparisons = []
     for local, rank in enumerate(case.members):
         real, expected = per_rank[rank], sim.ranks[local]
-        errors = {name: relative_error(real[name], getattr(expected, name)) for name in names
-                  if real.get(name) is not None}  # fmt: skip
+        floor = {name: gradient_floor(dout_shards[local]) for name in ("dq", "dk", "dv")}
+        errors = {name: relative_error(real[name], getattr(expected, name), floor.get(name, 0.0))
+                  for name in names if real.get(name) is not None}  # fmt: skip
         oracle_messages = [_to_global(e.key(), case.members) for e in sim.ledger.messages(local)]
         comparisons.append(Comparison(rank, errors, real["messages"], oracle_messages,
                                       real["saved"], expected.saved_bytes))  # fmt: skip

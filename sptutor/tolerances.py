@@ -2,7 +2,8 @@
 
 Every comparison in sptutor is *relative to the scale of the expected tensor*
 (``‖actual − expected‖ / ‖expected‖``): linear-attention outputs grow with the sequence, softmax
-outputs do not, and one rule must serve both.
+outputs do not, and one rule must serve both. A gradient's scale is at least ``‖dout‖`` of the
+rank's rows (:func:`gradient_floor`): gradients can be exactly zero, and rounding is not.
 
 - float64 vs float64: the same math reordered, so the error is a few ulps times a small growth
   factor; ``1e-10`` leaves four orders of magnitude of headroom over the ~1e-15 we observe and is
@@ -27,11 +28,12 @@ TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 BASELINE_FACTOR = {"output": 2.0, "gradient": 3.0}
 
 
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """``‖actual − expected‖ / ‖expected‖`` in float64 (absolute when ``expected`` is all zero).
+def relative_error(actual: torch.Tensor, expected: torch.Tensor, floor: float = 0.0) -> float:
+    """``‖actual − expected‖ / max(‖expected‖, floor)`` in float64 (absolute when both are 0).
 
     Entries where both tensors hold the same infinity (an LSE of -inf for a row that sees no key)
-    count as equal; an infinity on one side only makes the error infinite.
+    count as equal; an infinity on one side only makes the error infinite. ``floor``: the least
+    scale to judge against, for tensors that can be exactly zero (:func:`gradient_floor`).
     """
     if actual.shape != expected.shape:
         raise ValueError(f"shapes differ: {tuple(actual.shape)} vs {tuple(expected.shape)}")
@@ -40,9 +42,22 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     if bool((torch.isinf(actual) | torch.isinf(expected))[~same_infinity].any()):
         return float("inf")
     actual, expected = actual[~same_infinity], expected[~same_infinity]
-    scale = torch.linalg.vector_norm(expected).item()
+    scale = max(torch.linalg.vector_norm(expected).item(), floor)
     difference = torch.linalg.vector_norm(actual - expected).item()
     return difference / scale if scale > 0 else difference
+
+
+def gradient_floor(dout: torch.Tensor) -> float:
+    """The least scale a gradient of attention is judged against: ``‖dout‖`` (float64), dout the
+    incoming gradient of the rows of the rank (B, S_r, Hq, D).
+
+    A gradient can be exactly zero where its inputs are not: a query that sees a single key has
+    a constant softmax, so its dq is 0 and so are its keys' dK terms. Its expected value is then
+    the rounding of a zero (~1e-16), and any reordering of the same math (another backend,
+    another library) looks 100% wrong against it. Every gradient's rounding scales with the
+    signal that flows in, dout, so ``‖dout‖`` floors the scale; a real mistake (a missing block,
+    a wrong mask) still shows as an error of the size of the gradient itself."""
+    return torch.linalg.vector_norm(dout.detach().double().cpu()).item()
 
 
 def tolerance(dtype: torch.dtype) -> float:

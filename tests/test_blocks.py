@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from sptutor import blocks, work
 from sptutor.oracle import reference
-from sptutor.testing import assert_no_worse_than_baseline, relative_error
+from sptutor.testing import assert_no_worse_than_baseline, gradient_floor, relative_error
 from tests.strategies import heads, positions, tensors
 
 # Everything here is float64 and the same math reordered: errors are ~1e-16 relative; 1e-12 leaves
@@ -234,3 +234,21 @@ def test_any_visible_says_whether_the_mask_shows_any_pair(queries, keys, causal,
     table = blocks.visible_blocks([q_pos, k_pos], [q_doc, k_doc], causal)
     assert table[0][1] == shown
     assert table[1][0] == bool(blocks.visible_pairs(k_pos, q_pos, causal, k_doc, q_doc).any())
+
+
+def test_a_gradient_that_is_zero_is_judged_against_the_rows_dout():
+    """Queries that each see one key (one-token documents) have dq = 0 and dk = 0 exactly; the
+    same math in another order gives rounding noise there, which relative to ‖expected‖ (itself
+    noise) looks 100% wrong, and relative to the gradient floor ‖dout‖ is ~1e-16. A real
+    mistake, a block's dv missing, is still as large as the gradient."""
+    q, k, v, dout = tensors(3, (1, 6, 2, 8), (1, 6, 2, 8), (1, 6, 2, 8), (1, 6, 2, 8))
+    pos, doc = torch.arange(6), torch.arange(6)  # six one-token documents
+    out, lse = blocks.attention_block(q, k, v, pos, pos, True, 0.35, doc, doc)
+    dq, _, dv = blocks.attention_block_backward(dout, q, k, v, out, lse, pos, pos, True, 0.35,
+                                                doc, doc)  # fmt: skip
+    assert dq.abs().max() < 1e-14  # zero, to roundoff
+    reordered = dq.roll(1, dims=1)  # other roundoff of the same size, as other sums leave it
+    assert relative_error(reordered, dq) > 1e-3  # noise against noise: meaningless
+    floor = gradient_floor(dout)
+    assert relative_error(reordered, dq, floor) < TIGHT
+    assert relative_error(torch.zeros_like(dv), dv, floor) > 0.1  # a missing dv is caught

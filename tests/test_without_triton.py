@@ -1,5 +1,6 @@
 """Without the optional triton package (the ``kernels`` extra) the oracle and the real code run on
-the torch backend, and asking for ``backend="triton"`` names the extra to install."""
+torch (``backend="auto"`` is torch's fused CPU kernel on CPU tensors), and asking for
+``backend="triton"`` names the extra to install."""
 
 import os
 import subprocess
@@ -25,6 +26,7 @@ SCRIPT = textwrap.dedent(
         expected = oracle.simulate("ring", q, q, q, world=2, causal=True, layout="zigzag").out
         error = (layout.unshard(shards, layout="zigzag") - expected).abs().max().item()
         assert error < 1e-12, error
+        assert backends.resolve("auto", q) == "fused"
         try:
             backends.resolve("triton", q)
         except ValueError as missing:
@@ -35,7 +37,8 @@ SCRIPT = textwrap.dedent(
 
 def test_the_library_runs_without_triton_and_names_the_extra(tmp_path):
     """triton hidden from every process (a sitecustomize that blocks its import): a real ring on
-    2 processes equals the oracle, and backend='triton' says to install sptutor[kernels]."""
+    2 processes (backend "auto": "fused") equals the oracle, and backend='triton' says to install
+    sptutor[kernels]."""
     (tmp_path / "sitecustomize.py").write_text("import sys\nsys.modules['triton'] = None\n")
     script = tmp_path / "check.py"
     script.write_text(SCRIPT)

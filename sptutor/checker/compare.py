@@ -12,9 +12,9 @@ import dataclasses
 
 import torch
 
-from sptutor import oracle
+from sptutor import layout, oracle
 from sptutor.checker.cases import Case
-from sptutor.tolerances import BASELINE_FACTOR, relative_error, tolerance
+from sptutor.tolerances import BASELINE_FACTOR, gradient_floor, relative_error, tolerance
 
 NAMES = ("out", "lse", "dq", "dk", "dv")
 GRADIENTS = ("dq", "dk", "dv")
@@ -59,11 +59,13 @@ class Expected:
     accounts: oracle.Simulation
     owned: list[torch.Tensor]
     limits: list[dict[str, float]]
+    floors: list[float]  # each rank's least gradient scale: its rows' ‖dout‖ (gradient_floor)
 
 
 def expect(case: Case, owned: list[torch.Tensor], backward: bool) -> Expected:
     """Run the oracle on ``case`` in float64 and work out each tensor's tolerance."""
     q, k, v, dout = case.inputs(torch.float64)
+    floors = [gradient_floor(rows) for rows in layout.shard_by(dout, owned)]
     custom = case.layout == "custom"
     sim = oracle.simulate(
         case.method, q, k, v, dout if backward else None, world=case.world, causal=case.causal,
@@ -83,11 +85,11 @@ def expect(case: Case, owned: list[torch.Tensor], backward: bool) -> Expected:
         flat = {name: tolerance(dtype) for name in NAMES}
         limits = [dict(flat) for _ in range(case.world)]
     else:
-        limits = _baseline_limits(case, sim, owned, backward)
-    return Expected(sim, accounts, owned, limits)
+        limits = _baseline_limits(case, sim, owned, backward, floors)
+    return Expected(sim, accounts, owned, limits, floors)
 
 
-def _baseline_limits(case, sim, owned, backward) -> list[dict[str, float]]:
+def _baseline_limits(case, sim, owned, backward, floors) -> list[dict[str, float]]:
     """16-bit tolerances: a factor times the error of plain torch attention run in the case's
     dtype on the same inputs, shard by shard (the LSE at least float32's tolerance)."""
     q, k, v, dout = case.inputs()
@@ -110,8 +112,9 @@ def _baseline_limits(case, sim, owned, backward) -> list[dict[str, float]]:
                 continue
             truth = getattr(sim.ranks[local], name)
             dim = 2 if name == "lse" else 1
-            error = relative_error(baseline.detach().index_select(dim, pos), truth)
             kind = "gradient" if name in GRADIENTS else "output"
+            floor = floors[local] if kind == "gradient" else 0.0
+            error = relative_error(baseline.detach().index_select(dim, pos), truth, floor)
             limit[name] = BASELINE_FACTOR[kind] * error
         limit["lse"] = max(limit.get("lse", 0.0), tolerance(torch.float32))
         limits.append(limit)
@@ -143,7 +146,8 @@ def judge(
                                 f"{tuple(theirs.shape)}")  # fmt: skip
                 errors[name] = float("inf")
             else:
-                errors[name] = _error(mine, theirs)
+                errors[name] = _error(mine, theirs, expected.floors[local] if name in GRADIENTS
+                                      else 0.0)  # fmt: skip
         difference = _first_difference(case, expected, local, result, backward)
         messages, same = _messages(case, expected, local, result, backward, difference)
         saved = f"saved for backward: {result['saved']} bytes, the oracle {saved_bytes}"
@@ -161,11 +165,11 @@ def judge(
     return verdicts
 
 
-def _error(mine: torch.Tensor, theirs: torch.Tensor) -> float:
-    """Relative error; NaN anywhere counts as infinitely wrong."""
+def _error(mine: torch.Tensor, theirs: torch.Tensor, floor: float) -> float:
+    """Relative error (a gradient's scale at least ``floor``); NaN anywhere is infinitely wrong."""
     if bool(torch.isnan(mine).any()):
         return float("inf")
-    return relative_error(mine, theirs)
+    return relative_error(mine, theirs, floor)
 
 
 def _first_difference(case, expected, local, result, backward) -> tuple | None:
