@@ -50,7 +50,7 @@ BENCHMARKS = {
     "memory": "bytes kept for backward per rank: oracle = sptutor.cost, next to full/W",
     "balance": "useful work per rank under a causal mask, per layout",
     "packed": "7 packed documents, S=1000, W=4: useful work and bytes per rank vs closed form",
-    "time": "wall time on 1, 2, 4 gloo processes / one process, forward + backward",
+    "time": "wall time on 1, 2, 4 gloo processes / one process, fwd + bwd, against the goal",
     "gpu": "the GPU check in one table: kernels vs truth, methods under torchrun vs oracle, speed",
 }
 

@@ -130,19 +130,48 @@ def test_bench_out_writes_the_printed_figures_as_json_and_a_png(what, tmp_path, 
         assert " NO " not in text and "= cost" in text
 
 
-def test_bench_time_quick_prints_ratios_and_writes_them(tmp_path, capsys):
+def test_bench_time_quick_prints_ratios_and_goals_and_writes_them(tmp_path, capsys):
     """``sptutor bench time --quick --out DIR`` (real gloo processes) times every method on 1
-    and 2 processes and the single-process reference; writes time.json and time.png. Times are
-    printed, never compared."""
+    and 2 processes and the single-process reference on the same cores (1, then 2 threads capped
+    at the cores); writes time.json and time.png. Each ratio is its times' quotient and each
+    verdict its ratio against the goal (1.5; rsa none); no time is compared with a number."""
+    from sptutor.bench import timing
+
     assert cli.main(["bench", "time", "--quick", "--out", str(tmp_path)]) == 0
     text = capsys.readouterr().out
     rows = json.loads((tmp_path / "time.json").read_text())["rows"]
     assert [r["method"] for r in rows] == list(cli.METHODS)
+    lines = {line.split()[0]: line for line in text.splitlines() if line.split()}
     for row in rows:
-        assert row["single"] > 0 and set(row["ratio"]) == {"1", "2"}
-        assert all(ratio > 0 for ratio in row["ratio"].values())
-    assert "W=2 ratio" in text
+        assert set(row["ratio"]) == set(row["seconds"]) == set(row["single"]) == {"1", "2"}
+        assert row["threads"] == {"1": 1, "2": min(2, timing.cores())}
+        for world, ratio in row["ratio"].items():
+            assert ratio > 0 and ratio == row["seconds"][world] / row["single"][world]
+        method, line = row["method"], lines[row["method"]]
+        if method == "rsa":
+            assert row["goal"] is None and row["meets"] is None
+            assert line.endswith(f"{timing.NO_GOAL}  -")
+        else:
+            assert row["goal"] == timing.GOAL and row["meets"] == (row["ratio"]["2"] <= 1.5)
+            assert line.split()[-3:] == ["<=", "1.5", "yes" if row["meets"] else "NO"]
+        assert f"{row['ratio']['2']:.2f}" in line.split()
+    header = lines["method"]
+    for column in ("1 thread ms", "W=1 ms", "W=2 ms", "W=1 ratio", "W=2 ratio", "goal"):
+        assert column in header
+    assert header.endswith("W=2 meets")
+    assert "min(W, " in text and "within 1.5x at W=2" in text
     _read_png(tmp_path / "time.png")
+
+
+def test_python_m_sptutor_bench_is_sptutor_bench(capsys):
+    """``python -m sptutor.bench <what>``'s entry point hands its arguments to the CLI's
+    ``bench``: the same table as ``sptutor bench <what>``."""
+    from sptutor.bench.__main__ import bench
+
+    assert cli.main(["bench", "balance"]) == 0
+    expected = capsys.readouterr().out
+    assert bench(["balance"]) == 0
+    assert capsys.readouterr().out == expected and "max/min" in expected
 
 
 def test_out_is_refused_for_the_timing_benchmarks_that_write_nothing(capsys):
