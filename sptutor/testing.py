@@ -52,19 +52,22 @@ __all__ = [
 ]
 
 
-def run_case(case: Case, group, attention=None, mesh=None) -> dict:
+def run_case(case: Case, group, attention=None, mesh=None, device=None) -> dict:
     """On one member rank: forward and backward of ``attention`` on this rank's shards.
 
     ``attention`` defaults to sptutor's ``<case.method>_attention``; another function must take
     the same keywords (see Design, *Public API*; :func:`check` takes any signature). ``mesh`` is
-    the ``make_usp_mesh`` result for usp.
-    Returns this rank's out, lse (None for linear methods), dq, dk, dv, its message events
-    (``CommEvent.key()``) and the bytes autograd saved for backward.
+    the ``make_usp_mesh`` result for usp. ``device``: where the shards (and a decay) go, e.g.
+    ``cuda:LOCAL_RANK`` under NCCL (default: the CPU, where the case makes them).
+    Returns this rank's out, lse (None for linear methods), dq, dk, dv (on the CPU), its message
+    events (``CommEvent.key()``) and the bytes autograd saved for backward.
     """
     attention = attention or getattr(sptutor, f"{case.method}_attention")
-    q, k, v, dout = case.shards(dist.get_rank(group))
+    q, k, v, dout = (x.to(device) for x in case.shards(dist.get_rank(group)))
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     options = case.options(group, mesh)
+    if options.get("decay") is not None:  # the case makes it on the CPU: it goes with q
+        options["decay"] = options["decay"].to(device)
     saved = []
 
     def count_saved(x):
@@ -80,8 +83,9 @@ def run_case(case: Case, group, attention=None, mesh=None) -> dict:
         with torch.no_grad():
             _, lse = attention(q, k, v, return_lse=True, **options)
     messages = [event.key() for event in led.messages()]
-    return dict(out=out.detach(), lse=lse, dq=q.grad, dk=k.grad, dv=v.grad, messages=messages,
-                saved=sum(saved))  # fmt: skip
+    results = dict(out=out.detach(), lse=lse, dq=q.grad, dk=k.grad, dv=v.grad)
+    cpu = {name: None if x is None else x.cpu() for name, x in results.items()}
+    return dict(cpu, messages=messages, saved=sum(saved))
 
 
 @dataclasses.dataclass

@@ -25,10 +25,10 @@ import torch
 import torch.distributed as dist
 
 import sptutor
-from sptutor import backends, blocks, comm, ledger, torchrun
+from sptutor import backends, blocks, comm, torchrun
 from sptutor.mesh import make_usp_mesh
 from sptutor.methods import LINEAR_METHODS, METHODS
-from sptutor.testing import Case, compare_with_oracle
+from sptutor.testing import Case, compare_with_oracle, run_case
 
 
 def degree(method: str, world: int) -> int:
@@ -87,44 +87,13 @@ def gather(obj, device: torch.device) -> list:
     return found
 
 
-def run_on_device(case: Case, device: torch.device, mesh=None) -> dict:
-    """``sptutor.testing.run_case`` with this rank's shards on ``device``: forward and backward
-    of sptutor's method, its messages and saved bytes; the tensors come back on the CPU."""
-    attention = getattr(sptutor, f"{case.method}_attention")
-    shards = case.shards(dist.get_rank())
-    q, k, v = (x.detach().to(device).requires_grad_() for x in shards[:3])
-    dout = shards[3].to(device)
-    options = case.options(None, mesh)
-    if options.get("decay") is not None:  # the Case makes it on the CPU; it must be on q's device
-        options["decay"] = options["decay"].to(device)
-    saved = []
-
-    def count_saved(x):
-        saved.append(x.numel() * x.element_size())
-        return x
-
-    with ledger.record() as led:
-        with torch.autograd.graph.saved_tensors_hooks(count_saved, lambda x: x):
-            out = attention(q, k, v, **options)
-        out.backward(dout)
-    lse = None
-    if not case.is_linear:
-        with torch.no_grad():
-            _, lse = attention(q, k, v, return_lse=True, **options)
-    cpu = {
-        name: None if x is None else x.detach().cpu()
-        for name, x in dict(out=out, lse=lse, dq=q.grad, dk=k.grad, dv=v.grad).items()
-    }
-    return dict(cpu, messages=[e.key() for e in led.messages()], saved=sum(saved))  # fmt: skip
-
-
 def check_method(method: str, world: int, device: torch.device, meshes: dict) -> dict | None:
     """Run the method's cases on every rank; on rank 0 the row (None elsewhere)."""
     gpu = device.type == "cuda"
     worst, problems, cases = (-1.0, "", ""), [], method_cases(method, world, gpu)
     for case in cases:
         try:
-            result = run_on_device(case, device, meshes.get(case.ulysses))
+            result = run_case(case, None, mesh=meshes.get(case.ulysses), device=device)
         except Exception as error:  # the same error on every rank (e.g. a refused argument)
             result = dict(error=f"{type(error).__name__}: {error}".splitlines()[0])
         gathered = gather(result, device)
