@@ -18,7 +18,7 @@
 
 import torch
 
-from sptutor import blocks, layout, oracle
+from sptutor import blocks, fused, fused_plan, layout, oracle
 from sptutor.notebook import show
 from sptutor.testing import relative_error
 
@@ -150,6 +150,36 @@ assert dq_error < 1e-12
 print(f"dq summed over 4 blocks vs autograd of full attention: relative error {dq_error:.1e}")
 
 # %% [markdown]
+# ## The same blocks on a fused kernel
+#
+# `sptutor.blocks` is written to be read: it builds the whole $S_q \times S_k$ score matrix of a
+# block and makes several passes over it. The real code on CPU (`backend="auto"`) runs the same
+# contract on torch's fused CPU flash-attention kernel instead (`sptutor.fused`), which never
+# materialises scores. That kernel knows two masks for free, none and a top-left causal diagonal,
+# so `fused_plan.plan` cuts a block into runs of consecutive positions and asks for one call per
+# pair of runs that sees anything. In the zigzag layout above rank 3 holds positions 6 to 9 (its
+# two chunks happen to touch) and rank 1 holds 2, 3, 12 and 13: every query of rank 3 sees keys 2
+# and 3 and none sees 12 or 13, so the block is one call with no mask, on half the keys.
+
+# %%
+q_pos, k_pos = owned[3], owned[1]
+assert q_pos.tolist() == [6, 7, 8, 9] and k_pos.tolist() == [2, 3, 12, 13]
+for task in fused_plan.plan(q_pos, k_pos, True):
+    print(f"queries {q_pos[task.q_lo].item()}..{q_pos[task.q_hi - 1].item()} against keys "
+          f"{k_pos[task.k_lo].item()}..{k_pos[task.k_hi - 1].item()}: {task.kind}")  # fmt: skip
+assert [task.kind for task in fused_plan.plan(q_pos, k_pos, True)] == ["full"]
+slow = blocks.attention_block(q[:, q_pos], k[:, k_pos], v[:, k_pos], q_pos, k_pos, True, D**-0.5)
+fast = fused.attention_forward(q[:, q_pos], k[:, k_pos], v[:, k_pos], q_pos, k_pos, True, D**-0.5)
+fused_error = max(relative_error(a, b) for a, b in zip(fast, slow))
+assert fused_error < 1e-12  # float64 both: the same sums in another order
+print(f"fused vs blocks on that block (out and LSE): relative error {fused_error:.1e}")
+
+# %% [markdown]
+# One trap sits in the kernel: a query row that sees no key at all comes back with LSE 0, not
+# $-\infty$, and an LSE of 0 would weigh an empty block as if it held probability mass in the
+# merge. `sptutor.fused` sets those rows to LSE $-\infty$ and output 0, as `blocks` does.
+
+# %% [markdown]
 # ## What to remember
 #
 # | fact | where in sptutor |
@@ -158,6 +188,7 @@ print(f"dq summed over 4 blocks vs autograd of full attention: relative error {d
 # | partial results merge exactly by LSE | `blocks.merge` |
 # | masks come from global positions | `blocks.visible_pairs`, `sptutor.layout` |
 # | block gradients add up given the final out and LSE | `blocks.attention_block_backward` |
+# | the same contract on torch's fused CPU kernel | `sptutor.fused`, `fused_plan.plan` |
 #
 # The ground truth these are checked against, `oracle.reference`, is written independently of
 # `blocks`: full score matrices, nothing clever. The next chapters build each paper's method
