@@ -39,6 +39,20 @@ def _check_cpu(*tensors) -> None:
         )
 
 
+def _check_lengths(q, k, v, q_pos, k_pos, q_doc, k_doc) -> None:
+    """ValueError unless the block's tokens and their positions (and ids) agree in number: the
+    kernel itself would silently compute on whatever the slices hold (a wrong peer's block)."""
+    for what, tokens, pos, doc in (("queries", q.shape[1], q_pos, q_doc),
+                                   ("keys", k.shape[1], k_pos, k_doc),
+                                   ("values", v.shape[1], k_pos, k_doc)):  # fmt: skip
+        given = {len(pos)} | ({len(doc)} if doc is not None else set())
+        if given != {tokens}:
+            raise ValueError(
+                f"a block of {tokens} {what} has {len(pos)} positions"
+                + (f" and {len(doc)} document ids" if doc is not None else "")
+            )
+
+
 @functools.cache
 def _native_gqa() -> bool:
     """Does the kernel take fewer K/V heads than query heads (query head h reads h // G)?"""
@@ -114,6 +128,7 @@ def attention_forward(q, k, v, q_pos, k_pos, causal: bool, scale: float, q_doc=N
     (B, Hq, S_q) in the accumulation dtype; a row that sees no key has out 0 and lse -inf.
     """
     _check_cpu(q, k, v, q_pos, k_pos, q_doc, k_doc)
+    _check_lengths(q, k, v, q_pos, k_pos, q_doc, k_doc)
     acc = blocks.accumulation_dtype(q.dtype)
     seq_q, heads_q = q.shape[1], q.shape[2]
     q_h, k_h, v_h = (_heads(x, acc) for x in (q, k, v))  # (B, H, S, D) views
@@ -154,6 +169,7 @@ def attention_backward(
     D) in the accumulation dtype; rows whose lse is -inf (they see no key) give zero gradients.
     """
     _check_cpu(dout, q, k, v, out, lse, q_pos, k_pos, q_doc, k_doc)
+    _check_lengths(q, k, v, q_pos, k_pos, q_doc, k_doc)
     acc = blocks.accumulation_dtype(q.dtype)
     heads_q, heads_kv = q.shape[2], k.shape[2]
     empty = torch.isinf(lse)  # (B, Hq, S_q): rows that see no key: the kernel would give NaN

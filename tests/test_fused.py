@@ -280,3 +280,16 @@ def test_gqa_with_and_without_the_kernels_own_support(monkeypatch, native, cost)
         expected = blocks.attention_block_backward(dout, q, k, v, out, lse, *block)
         for got, truth in zip(grads, expected):
             assert got.shape == truth.shape and gradient_error(got, truth, dout) <= TIGHT
+
+
+def test_a_block_whose_positions_do_not_match_its_tokens_is_refused():
+    """A block received from the wrong rank on uneven shards holds another number of tokens than
+    the positions the step expects: the kernel would compute on what the slices hold, silently,
+    so the fused path refuses it (as the block math does, by its shapes)."""
+    q, k, v, dout = tensors(1, (1, 5, 2, 4), (1, 4, 2, 4), (1, 4, 2, 4), (1, 5, 2, 4))
+    q_pos, k_pos = torch.arange(5), torch.arange(5)  # five key positions for four keys
+    with pytest.raises(ValueError, match="a block of 4 keys has 5 positions"):
+        fused.attention_forward(q, k, v, q_pos, k_pos, True, 0.5)
+    out, lse = torch.zeros(1, 5, 2, 4), torch.zeros(1, 2, 5)
+    with pytest.raises(ValueError, match="a block of 4 keys has 5 positions"):
+        fused.attention_backward(dout, q, k, v, out, lse, q_pos, k_pos, True, 0.5)

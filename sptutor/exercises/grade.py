@@ -189,6 +189,7 @@ def _block_size_mismatch(result: CaseResult) -> bool:
     in_blocks = "blocks.py" in error and bool(
         re.search(r"size of tensor a \(\d+\) must match", error)
     )
+    in_blocks |= "fused.py" in error and bool(re.search(r"a block of \d+ \w+ has \d+", error))
     ended = "(SIGABRT)" in error or "Connection closed by peer" in error
     return result.case.uneven and (in_blocks or ended)
 
