@@ -172,7 +172,7 @@ def speed_rows(gpu: bool, deadline: float, quick: bool) -> list[Row]:
             skipped += 1
             continue
         try:
-            timing = bench._time_case(case, torch.bfloat16)
+            timing = bench.time_case(case, torch.bfloat16)
         except Exception as failure:
             rows.append(Row(f"speed {case}", "ERROR", _one_line(failure)))
             continue

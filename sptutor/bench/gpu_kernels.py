@@ -13,7 +13,7 @@ Tolerances, per dtype (the design's rule, ``sptutor.tolerances``):
   wrong mask or a missed tile gives 1e-2 or more.
 - float16, bfloat16: no fixed number is honest (it depends on S, D and the data), so each
   tensor must be within 2x (3x for gradients) the error of plain torch attention run in the
-  same dtype against the same float64 truth (``BASELINE_FACTOR``), as the tests judge fp16.
+  same dtype against the same float64 truth (``baseline_limit``), as the tests judge fp16.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 
 from sptutor import chunks, layout
 from sptutor.oracle import reference
-from sptutor.tolerances import BASELINE_FACTOR, TOLERANCE, relative_error
+from sptutor.tolerances import TOLERANCE, baseline_limit, relative_error
 
 Result = tuple[str, bool, float, float]  # (name, ok, worst error, its limit)
 NAMES = ("out", "lse", "dq", "dk", "dv")
@@ -57,7 +57,7 @@ def judge(name: str, got, truth, baseline, dtype: torch.dtype) -> Result:
             limit = TOLERANCE[dtype]
         else:
             kind = "output" if key in ("out", "lse") else "gradient"
-            limit = BASELINE_FACTOR[kind] * relative_error(baseline[key], truth[key])
+            limit = baseline_limit(baseline[key], truth[key], kind)
         ratio = _ratio(error, limit)
         if ratio > worst[0]:
             worst = (ratio, error, limit, key)

@@ -26,18 +26,18 @@ import torch.distributed as dist
 
 import sptutor
 from sptutor import backends, blocks, comm, torchrun
+from sptutor.bench import common
 from sptutor.mesh import make_usp_mesh
 from sptutor.methods import LINEAR_METHODS, METHODS
 from sptutor.testing import Case, compare_with_oracle, run_case
 
 
 def degree(method: str, world: int) -> int:
-    """The Ulysses degree U the heads must fit: W for ulysses, 2 (W even) or 1 for usp, else 1."""
+    """The Ulysses degree U the heads must fit: W for ulysses, the benchmarks' U for usp
+    (``bench.common.ulysses_degree``), else 1."""
     if method == "ulysses":
         return world
-    if method == "usp":
-        return 2 if world % 2 == 0 else 1
-    return 1
+    return common.ulysses_degree(method, world) or 1
 
 
 def method_cases(method: str, world: int, gpu: bool) -> list[Case]:

@@ -93,7 +93,7 @@ def _sdpa_backend(sdpa, q, k, v, options) -> str:
     return "flash"
 
 
-def _time_case(case: Case, dtype: torch.dtype) -> Timing:
+def time_case(case: Case, dtype: torch.dtype) -> Timing:
     """Times of ours and SDPA's (flash backend where it takes the case) forward and backward."""
     import contextlib
 
@@ -147,7 +147,7 @@ def run_kernels(dtype: str = "bfloat16", quick: bool = False) -> int:
     print(f"{'case':<48} {'fwd':>7} {'sdpa':>7} {'ratio':>6} {'bwd':>7} {'sdpa':>7} {'ratio':>6}"
           "  sdpa backend")  # fmt: skip
     for case in cases(quick):
-        timing = _time_case(case, torch_dtype)
+        timing = time_case(case, torch_dtype)
         ours_fwd, sdpa_fwd, ours_bwd, sdpa_bwd = timing.tflops(case)
         print(
             f"{case!s:<48} {ours_fwd:7.1f} {sdpa_fwd:7.1f} {ours_fwd / sdpa_fwd:6.2f} "

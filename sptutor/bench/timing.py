@@ -70,7 +70,8 @@ def reference_threads(world: int) -> int:
     return max(1, min(world, cores()))
 
 
-def _repeats(quick: bool) -> int:
+def repeat_count(quick: bool) -> int:
+    """Timed calls per figure, after a warm-up: 3 (quick: 1)."""
     return 1 if quick else 3
 
 
@@ -150,11 +151,11 @@ def _reference(method: str):
         return lambda q, k, v: chunks.intra_blocked(q, k, v, None)
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
-    def fused(q, k, v):  # SDPA takes (B, H, S, D): (B, S, H, D) -> (B, H, S, D) and back
+    def whole(q, k, v):  # SDPA takes (B, H, S, D): (B, S, H, D) -> (B, H, S, D) and back
         out = sdpa(*(x.transpose(1, 2) for x in (q, k, v)), is_causal=True, enable_gqa=True)
         return out.transpose(1, 2)
 
-    return fused
+    return whole
 
 
 def single(sizes: cost.Shape, repeats: int, threads: int,
@@ -192,7 +193,7 @@ def rows(references: dict[int, dict[str, float]], threads: dict[int, int | None]
 def measure(quick: bool = False) -> list[dict]:
     """Rows (:func:`rows`) for W = 1, 2, 4 gloo processes (quick: 1, 2) and their references;
     a progress bar meanwhile."""
-    sizes, repeats, worlds = shape(quick), _repeats(quick), QUICK_WORLDS if quick else WORLDS
+    sizes, repeats, worlds = shape(quick), repeat_count(quick), QUICK_WORLDS if quick else WORLDS
     threads = {w: reference_threads(w) for w in worlds}
     counts = sorted(set(threads.values()))
     with console.progress(len(counts) + len(worlds), "bench time") as done:
@@ -214,7 +215,7 @@ def _threads(count: int | None) -> str:
 def header(sizes: cost.Shape, quick: bool, where: str) -> None:
     """The line above the table: what is timed, on what."""
     console.say(f"wall time, causal forward + backward, S={sizes.seq_len}, "
-                f"{common.describe(sizes)}, {where}, median of {_repeats(quick)} "
+                f"{common.describe(sizes)}, {where}, median of {repeat_count(quick)} "
                 "after a warm-up")  # fmt: skip
 
 

@@ -30,7 +30,7 @@ def measure(quick: bool = False) -> list[dict] | None:
     """Rows (``timing.rows``) for W = torchrun's world size on rank 0; None on the other ranks.
     Joins torchrun's group if needed (every rank must call this)."""
     torchrun.init()
-    sizes, repeats = timing.shape(quick), timing._repeats(quick)
+    sizes, repeats = timing.shape(quick), timing.repeat_count(quick)
     rank, world, device = dist.get_rank(), dist.get_world_size(), torchrun.device()
     on_cpu = device.type == "cpu"
     first = rank == 0

@@ -14,7 +14,7 @@ import torch
 
 from sptutor import layout, oracle
 from sptutor.checker.cases import Case
-from sptutor.tolerances import BASELINE_FACTOR, gradient_floor, relative_error, tolerance
+from sptutor.tolerances import baseline_limit, gradient_floor, relative_error, tolerance
 
 NAMES = ("out", "lse", "dq", "dk", "dv")
 GRADIENTS = ("dq", "dk", "dv")
@@ -114,8 +114,8 @@ def _baseline_limits(case, sim, owned, backward, floors) -> list[dict[str, float
             dim = 2 if name == "lse" else 1
             kind = "gradient" if name in GRADIENTS else "output"
             floor = floors[local] if kind == "gradient" else 0.0
-            error = relative_error(baseline.detach().index_select(dim, pos), truth, floor)
-            limit[name] = BASELINE_FACTOR[kind] * error
+            limit[name] = baseline_limit(baseline.detach().index_select(dim, pos), truth, kind,
+                                         floor)  # fmt: skip
         limit["lse"] = max(limit.get("lse", 0.0), tolerance(torch.float32))
         limits.append(limit)
     return limits
