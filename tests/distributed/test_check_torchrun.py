@@ -17,8 +17,12 @@ SCRIPT = textwrap.dedent(
 
     if __name__ == "__main__":
         bug = sys.argv[1] if len(sys.argv) > 1 else None
+        # the seed is random (drawn on rank 0, shared): a planted mistake runs causal cases
+        # only, where a masked diagonal shows in every case, so the verdict does not hang on
+        # which cases the seed draws
+        causal = (True,) if bug else (False, True)
         report = check(small_impls.ring, method="ring", examples=5, seed=None,
-                       kwargs={"bug": bug})
+                       kwargs={"bug": bug}, causal=causal)
         if torchrun.is_first():
             print(report)
         raise SystemExit(0 if report.passed else 1)
