@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from sptutor import checks, console, cost, layout
+from sptutor import chain, checks, console, cost, layout
 from sptutor.ledger import PHASES, CommEvent
 from sptutor.mesh import check_mesh_sizes
 from sptutor.methods import LINEAR_METHODS, METHODS
@@ -97,6 +97,8 @@ class TraceConfig:
                     f"(leave seq_len out, or give the same S)"
                 )
             layout.check_cu_seqlens(self.offsets, self.length)
+        if self.method in LINEAR_METHODS:
+            chain.check_documents(self.method, self.causal, self.cu_seqlens is not None)
         layout.check_layout(self.length, world=self.world, layout=self.layout,
                             ulysses=self.degree or 1)  # fmt: skip
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from matplotlib import image
 
-from sptutor import checks, cli, layout, oracle, trace
+from sptutor import chain, checks, cli, layout, oracle, trace
 from sptutor.ledger import PHASES
 from sptutor.mesh import check_mesh_sizes
 from sptutor.methods import METHODS
@@ -101,6 +101,8 @@ BAD_ARGUMENTS = {
     "usp --ulysses 4 --heads-q 2 --heads-kv 1": lambda: checks.check_ulysses_heads(2, 1, 4),
     "ulysses --world 8 --seq-len 16": lambda: checks.check_ulysses_heads(4, 2, 8),
     "lasp --layout striped": lambda: checks.check_linear_layout("striped"),
+    "lasp --cu-seqlens 0,5,17,32": lambda: chain.check_documents("lasp", False, True),
+    "lasp2 --cu-seqlens 0,5,17,32": lambda: chain.check_documents("lasp2", False, True),
     "ring --out picture.pdf": lambda: trace.check_out(trace.Path("picture.pdf")),
 }
 
