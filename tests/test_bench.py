@@ -203,8 +203,9 @@ def test_plain_text_off_a_terminal_and_rich_boxes_on_one(monkeypatch, capsys):
 
 
 def test_the_figures_docs_pictures_states_are_the_ones_the_benchmarks_compute():
-    """docs/pictures.md quotes the balance table of causal ring at S=64 and lss's saved/ideal at
-    W = 2, 4, 8; both are recomputed here (to the 3 decimals printed) so the page cannot drift."""
+    """docs/pictures.md quotes the balance table of causal ring at S=64, lss's saved/ideal at
+    W = 2, 4, 8 and the packed batch's max/min per method; all are recomputed here (to the 3
+    decimals printed) so the page cannot drift."""
     import re
     from pathlib import Path
 
@@ -220,6 +221,16 @@ def test_the_figures_docs_pictures_states_are_the_ones_the_benchmarks_compute():
     lss = {r["world"]: r["saved"] / r["ideal"] for r in memory.rows() if r["method"] == "lss"}
     quoted = re.search(r"\(([\d.]+), ([\d.]+), ([\d.]+) at W = 2, 4, 8\)", page)
     assert [float(x) for x in quoted.groups()] == [round(lss[w], 3) for w in (2, 4, 8)]
+    from sptutor.bench import packed
+
+    measured = packed.rows()
+    header = re.search(r"^\| max/min useful MACs \|(.*)\|$", page, re.M).group(1)
+    methods = [m.strip() for m in header.split("|")]
+    assert sorted(methods) == sorted(packed.METHODS)
+    for label, key in (("7 packed documents", "macs"), ("one document", "macs_one_document")):
+        ratios = packed.balance(measured, key)
+        quoted = re.search(rf"^\| {label} \|(.*)\|$", page, re.M).group(1)
+        assert [float(x) for x in quoted.split("|")] == [round(ratios[m], 3) for m in methods]
 
 
 def test_packed_documents_change_the_work_and_never_the_bytes(capsys, tmp_path):
