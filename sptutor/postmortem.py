@@ -102,6 +102,24 @@ def report(ranks: list[Child], timeout: float, what: str, watch: Any = None) -> 
     return _hang(ranks, running, failed, f"{what} timed out after {timeout:g} s")
 
 
+@dataclass
+class _Answered:
+    """A rank known only by its answer (torchrun's ranks gather theirs): what ``_failure`` reads."""
+
+    answer: tuple[str, float, Any]
+    started: bool = True
+
+
+def blame(answers: list[tuple[str, float, Any]]) -> str | None:
+    """For ranks that all answered, each ``(kind, time.time(), body)`` with kind "ok", "error"
+    or "comm-error" (:func:`kind_of`) and a traceback as the body of a failure: None when every
+    rank is "ok", else :func:`report`'s message ('rank 2 of 4 failed (then rank 0 failed too):'
+    and the traceback of the first rank that failed on its own)."""
+    if all(kind == "ok" for kind, _, _ in answers):
+        return None
+    return report([_Answered(answer) for answer in answers], timeout=0.0, what="")
+
+
 def _failure(ranks: list[Child], cause: int, failed: list[int], running: list[int]) -> str:
     """'rank 2 of 4 failed (then rank 0 failed too):' and its traceback, or how it died."""
     kind, _, body = ranks[cause].answer

@@ -52,3 +52,14 @@ def init() -> None:
 def is_first() -> bool:
     """Rank 0 (or no process group at all): the one that prints."""
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def finish(code: int) -> int:
+    """End this rank's part in the group and return ``code``, the exit code: every rank waits
+    here until all have come (so rank 0 has printed: torchrun ends every rank as soon as one
+    exits non-zero, which could cut rank 0 off mid-report), then leaves the group. A no-op
+    without a group."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return code

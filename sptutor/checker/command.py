@@ -51,6 +51,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Import the function (and adapter), run the check, print the report; 0 if it passed."""
+    from sptutor import torchrun
     from sptutor.checker.sweep import check
 
     try:
@@ -83,8 +84,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                        **options)  # fmt: skip
     except (TypeError, ValueError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
-    report.print()
-    return 0 if report.passed else 1
+    if torchrun.is_first():
+        report.print()
+    return torchrun.finish(0 if report.passed else 1)
 
 
 def _boolean(word: str) -> bool:

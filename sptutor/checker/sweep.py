@@ -5,7 +5,8 @@ Cases are drawn by hypothesis from a :class:`~sptutor.checker.cases.Sweep` (worl
 layouts, causal or not, GQA ratios, odd head dims, dtypes, lengths) and run on a pool of W gloo
 processes started once (``sptutor.launch.Pool``); a case that raises or hangs on some rank is
 reported with that rank's message, and the sweep goes on in a fresh pool. Under ``torchrun``
-(NCCL on GPUs, or gloo) the same call runs on the ranks torchrun started instead.
+(NCCL on GPUs, or gloo) the same call runs on the ranks torchrun started instead; there a case
+that raises is reported the same way, but ends the sweep (its group cannot be restarted).
 """
 
 from __future__ import annotations
@@ -13,12 +14,15 @@ from __future__ import annotations
 import dataclasses
 import random
 import shutil
+import sys
 import tempfile
+import time
+import traceback
 from collections.abc import Callable
 
 import torch.distributed as dist
 
-from sptutor import launch, torchrun
+from sptutor import launch, postmortem, torchrun
 from sptutor.checker import worker
 from sptutor.checker.adapter import Adapter, for_sptutor
 from sptutor.checker.cases import Case, Sweep, sweep_for
@@ -57,8 +61,10 @@ def check(
     ``batches``, ``per_rank``, ``heads_kv``, ``gqa``, ``head_dims``, ``decays``).
 
     ``world``: the largest W (cases use W = 1..world, on the first W ranks; under torchrun,
-    W = 1..its number of ranks, on CUDA tensors when NCCL is used: a case that raises there
-    ends the run, as torchrun ends every rank); ``examples``:
+    W = 1..its number of ranks, on CUDA tensors when NCCL is used: a case that raises there is
+    an error like any other, and the last case run, since its group cannot be restarted; a rank
+    that waits forever for one that raised is ended by ``stall_timeout`` or the group's own
+    timeout); ``examples``:
     cases drawn; ``seed``: hypothesis's seed (None: a random one); ``cases``: run exactly these
     instead; ``timeout``: seconds a case may take before it counts as a hang; ``enforce``:
     "messages" and/or "saved" make message and saved-bytes differences fail (by default they
@@ -148,7 +154,9 @@ class _Session:
             )
             # the first case drawn is the smallest there is: nothing to shrink
             hung = any(r.status == "hang" for r in self.failing)  # each costs a whole timeout
-            out_of_budget = first_failed or hung or spent >= SHRINK_RUNS or broken >= SHRINK_BROKEN
+            ended = getattr(self.runner, "broken", None) is not None  # torchrun's, after an error
+            out_of_budget = (first_failed or hung or ended or spent >= SHRINK_RUNS
+                             or broken >= SHRINK_BROKEN)  # fmt: skip
             if case not in self.results and shrinking and out_of_budget:
                 return  # out of budget: hypothesis keeps the smallest failure found so far
             if not self.run(case, shrinking).passed:
@@ -236,16 +244,35 @@ class _InPlace:
     def __init__(self, stall_timeout: float | None = None) -> None:
         torchrun.init()
         self.world = dist.get_world_size()
+        self.broken: str | None = None  # why no further case runs (a case raised)
         if stall_timeout:
             from sptutor.exercises import progress
 
             progress.watchdog(stall_timeout)
 
-    def run(self, case: Case, fn, adapter) -> list[dict]:
-        mine = worker.run_on_rank(dist.get_rank(), fn, adapter, case, torchrun.device())
+    def run(self, case: Case, fn, adapter) -> list[dict] | CaseResult:
+        """Every rank's results, or an error CaseResult when a rank raised (each rank's outcome
+        is gathered, so all ranks return the same). After an error no further case runs: the
+        raising rank may have left messages in flight on the group, which cannot be restarted
+        here as a pool is."""
+        if self.broken is not None:
+            return CaseResult(case, "error", error=f"not run: {self.broken}")
+        rank = dist.get_rank()
+        try:
+            results = worker.run_on_rank(rank, fn, adapter, case, torchrun.device())
+            mine = ("ok", time.time(), results)
+        except Exception as error:  # the caller's code raised: reported like a pool's rank
+            mine = (postmortem.kind_of(error), time.time(), traceback.format_exc())
+            # said at once, in one line: a rank still waiting for this one may never report
+            last = mine[2].strip().splitlines()[-1]
+            print(f"rank {rank} raised in {case.describe()}: {last}", file=sys.stderr, flush=True)
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, mine)
-        return [gathered[rank] for rank in case.members]
+        failure = postmortem.blame(gathered)
+        if failure is not None:
+            self.broken = f"an earlier case raised ({case.describe()})"
+            return CaseResult(case, "error", error=failure)
+        return [gathered[rank][2] for rank in case.members]
 
     def shared_seed(self) -> int:
         """A random seed drawn on rank 0, the same on every rank."""

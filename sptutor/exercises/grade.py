@@ -284,8 +284,8 @@ def run(args, parser) -> int:
     except (OSError, ValueError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     if torchrun.is_first():
-        print(graded)
-    return 0 if graded.passed else 1
+        print(graded, flush=True)
+    return torchrun.finish(0 if graded.passed else 1)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -96,6 +96,13 @@ def test_the_command_line_and_torchrun_grade_alike(tmp_path):
     done = subprocess.run([*grade_it[:4], str(blanked), *grade_it[5:]], capture_output=True,
                           text=True, timeout=300)  # fmt: skip
     assert done.returncode == 1 and "TODO: ring forward" in done.stdout
+    # under torchrun the blank's NotImplementedError is the same verdict, printed once by rank 0
+    # (every rank gathers every rank's outcome; none dies on its own traceback)
+    done = subprocess.run([*torchrun[:8], str(blanked), *torchrun[9:]], capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stdout.count("ring.py: TODO left: TODO: ring forward") == 1, done.stdout
+    assert "Flaky" not in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize("method", METHODS)
