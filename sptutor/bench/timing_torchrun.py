@@ -52,7 +52,8 @@ def measure(quick: bool = False) -> list[dict] | None:
         dist.barrier()  # the others wait here while rank 0 times the reference
     if not first:
         return None
-    return timing.rows({world: reference}, {world: count if on_cpu else None}, {world: mine})
+    return timing.rows({world: reference}, {world: count if on_cpu else None}, {world: mine},
+                       not quick)  # fmt: skip
 
 
 def run(out: Path | None = None, quick: bool = False) -> int:
