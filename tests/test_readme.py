@@ -71,3 +71,34 @@ def test_every_python_block_of_the_readme_runs_and_says_what_the_readme_says(tmp
             shown = re.search(r"^my_ring matches the ring oracle in all \d+ cases$", README_TEXT,
                               re.MULTILINE)  # fmt: skip
             assert shown and shown.group(0) in done.stdout.splitlines(), done.stdout
+
+
+def test_the_readmes_check_command_line_passes_the_same_ring(tmp_path):
+    """The README's ``sptutor check my_project:my_ring ...`` line, run as shown in a folder that
+    holds my_project.py (the same correct ring as above): exit 0 and the same verdict."""
+    joined = README_TEXT.replace("\\\n", " ")  # a command continued with a backslash
+    found = re.search(r"^sptutor check my_project:my_ring .*$", joined, re.MULTILINE)
+    assert found, "README shows no sptutor check command line for my_ring"
+    (tmp_path / "my_project.py").write_text(YOURS.format(name="my_ring"))
+    argv = found.group(0).split()[1:]
+    done = subprocess.run([sys.executable, "-m", "sptutor", *argv], capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "my_ring matches the ring oracle in all 20 cases" in done.stdout, done.stdout
+    # without its keyword flags the function refuses check's causal=: the report says which flag
+    plain = [a for a in argv if a not in ("--causal-keyword", "is_causal", "--group-keyword", "pg")]
+    done = subprocess.run([sys.executable, "-m", "sptutor", *plain], capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "check() passes causal= because causal_keyword='causal'" in done.stdout, done.stdout
+    assert "(--causal-keyword on the command line)" in done.stdout, done.stdout
+
+
+def test_every_readme_section_the_library_names_exists():
+    """Text that sends a reader to 'the README section "X"' (the tour, help texts) names a
+    heading the README has."""
+    headings = set(re.findall(r"^#+ (.+)$", README_TEXT, re.MULTILINE))
+    sources = "\n".join(path.read_text() for path in (ROOT / "sptutor").rglob("*.py"))
+    named = re.findall(r'README section\s+"([^"]+)"', sources)
+    assert named, "no README section named in the library (the pattern is stale)"
+    assert set(named) <= headings, set(named) - headings

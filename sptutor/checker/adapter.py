@@ -9,6 +9,7 @@ on, so that any signature can be checked without a wrapper.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +20,7 @@ from sptutor.checker.cases import Case
 
 TENSOR_LAYOUTS = ("bshd", "bhsd")
 RETURNS = ("auto", "out", "out_lse")
+CLI_KEYWORDS = ("causal_keyword", "group_keyword", "layout_keyword")  # sptutor check's --*-keyword
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +156,22 @@ class Adapter:
         if case.decay is not None:
             found[self.decay_keyword] = self.decay_argument(case.decay_tensor())
         return found | (extra or {})
+
+    def keyword_hint(self, error: TypeError) -> str | None:
+        """For your function refusing a keyword check() passed ("unexpected keyword argument
+        'causal'"): which adapter option named it, and how to rename it; None otherwise."""
+        found = re.search(r"unexpected keyword argument '(\w+)'", str(error))
+        fields = ("causal_keyword", "group_keyword", "layout_keyword", "decay_keyword",
+                  "seq_len_keyword", "cu_seqlens_keyword")  # fmt: skip
+        named = [f for f in fields if found and getattr(self, f) == found.group(1)]
+        if not named:
+            return None
+        field = named[0]
+        flag = f"--{field.replace('_', '-')}"
+        flag = f" ({flag} on the command line)" if field in CLI_KEYWORDS else ""
+        return (f"check() passes {found.group(1)}= because {field}={found.group(1)!r}: give "
+                f"{field} your function's name for that keyword{flag}, or None if it takes "
+                "none")  # fmt: skip
 
     def _sizes(self, case: Case, local: int | None) -> dict:
         """The sequence length and documents of ``case``, as your keywords take them."""

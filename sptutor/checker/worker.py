@@ -64,7 +64,13 @@ def run_on_rank(
 
     with ledger.record() as led, capture.traffic() as seen, _uninitialised_is_nan():
         with seen.phase("forward"), torch.autograd.graph.saved_tensors_hooks(count_saved, _same):
-            result = fn(*yours, **keywords)
+            try:
+                result = fn(*yours, **keywords)
+            except TypeError as error:  # a keyword of ours it does not take: say which option
+                hint = adapter.keyword_hint(error)
+                if hint is None:
+                    raise
+                raise TypeError(f"{error}; {hint}") from error
         out_yours, lse = adapter.unpack(result)
         out = adapter.from_yours(out_yours, "out")
         if out.shape != q.shape:
