@@ -159,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small shape (S=256, D=16)")
     args = parser.parse_args(argv)
+    try:
+        import yunchang  # noqa: F401  (checked here, before any process starts)
+    except ImportError:
+        parser.exit(2, f"{parser.prog}: error: yunchang is not installed; it comes with the "
+                    'peers extra: pip install -e ".[peers]"\n')  # fmt: skip
     report(runs(args.quick), args.quick)
     return 0
 

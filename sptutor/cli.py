@@ -25,8 +25,9 @@ from sptutor.train.command import CHOICES
 DEFAULT_OUT = "sptutor-bench"  # where a bare ``bench --out`` writes, in the current directory
 EPILOG = """\
 Each command has its own options: 'sptutor train --help'. The chapters that explain the methods
-are in the docs/ folder of the sptutor repository ('mkdocs serve' there builds them), and the
-Python API is in the docstrings: 'python -c "import sptutor; help(sptutor)"'.
+are notebooks in the chapters/ folder of the sptutor repository ('jupyter lab chapters/' opens
+them); the docs site in docs/ publishes them ('mkdocs serve' in the repository's root builds
+it), and the Python API is in the docstrings: 'python -c "import sptutor; help(sptutor)"'.
 """
 
 TRACE_HELP = {

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 from importlib import metadata
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -51,6 +52,9 @@ def test_top_level_help_names_every_command_and_where_to_go_next(capsys):
     assert "sequence parallelism for attention" in text
     assert all(re.search(rf"\b{name}\b ", text) for name in ("tour", "bench", "train"))
     assert "sptutor train --help" in text and "docs/" in text
+    root = Path(__file__).resolve().parents[1]  # the places it names are the repository's
+    assert (root / "chapters").is_dir() and (root / "mkdocs.yml").is_file()
+    assert "chapters/ folder" in text and "'mkdocs serve' in the repository's root" in text
 
 
 def test_every_train_option_shows_its_default(capsys):
@@ -190,3 +194,17 @@ def test_a_config_that_passes_check_sets_up_on_every_rank(
         k = torch.zeros(1, inputs.shape[1], heads_kv, head_dim)  # (B, S/sp, Hkv, D)
         if method in ("ulysses", "usp"):
             ulysses._check_inputs(q, k, k, sp if method == "ulysses" else config.ulysses_degree())
+
+
+def test_peer_timing_without_the_peers_extra_says_which_extra(tmp_path):
+    """scripts/peer_timing.py where yunchang is missing: exit 2 and the install line, before
+    any process starts (it printed a traceback from a spawned rank)."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "peer_timing.py"
+    blocked = ("import runpy, sys; sys.modules['yunchang'] = None; sys.argv = ['peer_timing.py']; "
+               f"runpy.run_path({str(script)!r}, run_name='__main__')")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 2, done.stdout + done.stderr
+    said = 'yunchang is not installed; it comes with the peers extra: pip install -e ".[peers]"'
+    assert said in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr

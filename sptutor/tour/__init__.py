@@ -97,7 +97,7 @@ Where to go next
                        bytes, saved memory and balance against the closed forms and the papers,
                        and wall time on 1-4 processes (--out DIR writes JSON and PNG)
    sptutor.testing     check your own attention code against the oracle: the README section
-                       "Point the oracle at your own code" has the whole script"""
+                       "Check your own implementation" has the whole script"""
 
 
 def _heading(number: int) -> None:
