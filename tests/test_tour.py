@@ -111,7 +111,7 @@ NEXT_STEPS = (
     *("mkdocs serve", "Concepts", "Design", "Oracle and real code side by side"),
     *("sptutor train --method ring --world 4", "sptutor train --help", "sptutor trace METHOD"),
     "sptutor bench comm | memory | balance | time",
-    *("sptutor.testing", "Point the oracle at your own code"),
+    *("sptutor.testing", "Check your own implementation"),
 )
 
 
