@@ -27,3 +27,14 @@ def test_bench_time_under_torchrun_prints_one_table_from_rank_0():
     assert "W=2 ratio" in header and header.endswith("W=2 meets")
     assert "W=1" not in header  # torchrun's world only
     assert "time on 2 gloo ranks" in out
+
+
+def test_a_one_process_benchmark_under_torchrun_runs_on_rank_0_alone():
+    """``-m sptutor.bench packed --quick`` and ``--help`` on two torchrun ranks: printed once."""
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    for argv, said in ((["packed", "--quick"], "7 documents"), (["--help"], "usage: sptutor")):
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   "--nproc_per_node", "2", "-m", "sptutor.bench", *argv]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert done.stdout.count(said) == 1, done.stdout
