@@ -208,3 +208,12 @@ def test_peer_timing_without_the_peers_extra_says_which_extra(tmp_path):
     said = 'yunchang is not installed; it comes with the peers extra: pip install -e ".[peers]"'
     assert said in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_the_training_page_names_every_train_option(capsys):
+    """docs/training.md's Options paragraph names each flag ``sptutor train --help`` shows."""
+    flags = set(re.findall(r"^  (--[\w-]+)", help_text(["train"], capsys), re.MULTILINE))
+    page = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    assert {"--rope-per-document", "--pack-documents", "--baseline"} <= flags  # the pattern holds
+    missing = sorted(f for f in flags - {"--help"} if f"`{f}" not in page)
+    assert not missing, f"docs/training.md does not name {missing}"

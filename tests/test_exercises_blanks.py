@@ -292,3 +292,15 @@ def test_the_exercise_command_lists_copies_and_refuses(tmp_path, capsys):
         command.run(args, sub)
     assert stopped.value.code == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_the_exercises_pages_todo_excerpt_is_the_blanks_own():
+    """docs/exercises.md quotes the ring forward TODO with its size: those lines are the
+    generated blank's, so the size it states cannot drift from the solution."""
+    page = (ROOT / "docs" / "exercises.md").read_text()
+    excerpt = re.search(r"^( +# TODO\(ring forward\).*\n +# \(the solution is \d+ lines\))$", page,
+                        re.MULTILINE)  # fmt: skip
+    assert excerpt, "the page's ring forward TODO excerpt is gone"
+    blank = (ROOT / "sptutor" / "exercises" / "blanks" / "ring.py.txt").read_text()
+    lines = [line.strip() for line in excerpt.group(1).splitlines()]
+    assert "\n".join(lines) in "\n".join(line.strip() for line in blank.splitlines())
