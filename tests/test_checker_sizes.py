@@ -30,6 +30,20 @@ def test_local_offsets_are_the_rank_s_own_runs_of_one_document():
         assert torch.equal(adapter.keywords(case, None, None, rank)["cu"], expected)
 
 
+def test_document_ids_are_the_rank_s_tokens_documents_numbered_over_the_sequence():
+    """document_ids_keyword: (S_r,) global document ids in the rank's storage order (zigzag
+    here, so not sorted); none passed in a case without documents."""
+    case = _case(cu_seqlens=(0, 4, 9, 13))
+    adapter = Adapter(document_ids_keyword="ids")
+    for rank in range(3):
+        owned = layout.positions(13, world=3, rank=rank, layout="zigzag")
+        expected = torch.searchsorted(torch.tensor([4, 9, 13]), owned, right=True)
+        assert torch.equal(adapter.keywords(case, None, None, rank)["ids"], expected)
+    assert "ids" not in adapter.keywords(_case(), None, None, 0)
+    local = Adapter(cu_seqlens_keyword="cu", cu_seqlens_scope="local")
+    assert local.keywords(_case(), None, None, 2)["cu"].tolist() == [0, 4]  # uneven: [0, S_r]
+
+
 def test_an_uneven_case_without_documents_says_s_through_one_document():
     """No seq_len keyword: the one-document offsets [0, S] tell the function S."""
     found = Adapter(cu_seqlens_keyword="cu").keywords(_case(), None, None, 0)
@@ -57,3 +71,15 @@ def test_the_sweep_draws_uneven_and_packed_cases_every_layout_can_cut(case):
     if case.cu_seqlens is not None:
         layout.check_cu_seqlens(case.cu_seqlens_tensor(), case.seq_len)
         assert "cu_seqlens=" in case.describe()
+
+
+def test_local_offsets_do_not_say_which_document_a_run_is():
+    """docs/checking.md's example: W=3, S=10, contiguous; (0, 4, 10) and (0, 4, 7, 10) give
+    every rank the same local offsets, but different document ids (tokens 6 and 7)."""
+    one, two = torch.tensor([0, 4, 10]), torch.tensor([0, 4, 7, 10])
+    for rank, expected in enumerate(([0, 4], [0, 3], [0, 3])):
+        for offsets in (one, two):
+            assert layout.local_documents(offsets, world=3, rank=rank)[1].tolist() == expected
+    ids = {name: torch.cat([layout.local_documents(o, world=3, rank=r)[0] for r in range(3)])
+           for name, o in (("one", one), ("two", two))}  # fmt: skip
+    assert ids["one"][6] == ids["one"][7] and ids["two"][6] != ids["two"][7]

@@ -64,8 +64,14 @@ class Adapter:
       function takes no documents (a sweep that packs documents then refuses to start).
       ``cu_seqlens_scope``: "global" (the (N+1,) offsets over the whole sequence, the same on
       every rank) or "local" (this rank's own offsets over its shard, from
-      ``sptutor.layout.documents_of``). An uneven case without documents passes one document
-      ``[0, S]`` there when there is no ``seq_len_keyword``.
+      ``sptutor.layout.documents_of``: where its runs of one document start, then S_r; they do
+      not say which document a run is, so code that matches documents across ranks, any ring,
+      needs ``document_ids_keyword`` or the global offsets too). An uneven case without
+      documents passes one document there when there is no ``seq_len_keyword``: ``[0, S]``, or
+      locally ``[0, S_r]``; a case with neither documents nor uneven shards passes nothing.
+    - ``document_ids_keyword``: the keyword that receives this rank's document ids (S_r,), one
+      per token in its storage order, numbered over the whole sequence (the same document has
+      the same id on every rank: segment ids); passed in cases with documents only.
     """
 
     tensor_layout: str = "bshd"
@@ -83,6 +89,7 @@ class Adapter:
     seq_len_keyword: str | None = None
     cu_seqlens_keyword: str | None = None
     cu_seqlens_scope: str = "global"
+    document_ids_keyword: str | None = None
 
     def __post_init__(self) -> None:
         if self.cu_seqlens_scope not in ("global", "local"):
@@ -162,7 +169,7 @@ class Adapter:
         'causal'"): which adapter option named it, and how to rename it; None otherwise."""
         found = re.search(r"unexpected keyword argument '(\w+)'", str(error))
         fields = ("causal_keyword", "group_keyword", "layout_keyword", "decay_keyword",
-                  "seq_len_keyword", "cu_seqlens_keyword")  # fmt: skip
+                  "seq_len_keyword", "cu_seqlens_keyword", "document_ids_keyword")  # fmt: skip
         named = [f for f in fields if found and getattr(self, f) == found.group(1)]
         if not named:
             return None
@@ -176,6 +183,9 @@ class Adapter:
     def _sizes(self, case: Case, local: int | None) -> dict:
         """The sequence length and documents of ``case``, as your keywords take them."""
         found, offsets = {}, case.cu_seqlens_tensor()
+        if offsets is not None and self.document_ids_keyword is not None:
+            ids = layout.documents_of(offsets, self.owned(case)[local])[0]
+            found[self.document_ids_keyword] = ids
         if self.seq_len_keyword is not None:
             found[self.seq_len_keyword] = case.seq_len
         elif offsets is None and case.uneven and self.cu_seqlens_keyword is not None:

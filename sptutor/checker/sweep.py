@@ -86,9 +86,11 @@ def check(
     sweep_options = {k: v for k, v in options.items() if k in SWEEP_FIELDS}
     if adapter.positions is not None:
         sweep_options["layouts"] = ("custom",)
-    if True in sweep_options.get("documents", ()) and adapter.cu_seqlens_keyword is None:
+    takes_documents = (adapter.cu_seqlens_keyword, adapter.document_ids_keyword) != (None, None)
+    if True in sweep_options.get("documents", ()) and not takes_documents:
         raise ValueError("the sweep packs documents (documents=(..., True)), but the adapter "
-                         "names no cu_seqlens_keyword to pass them to your function")  # fmt: skip
+                         "names no cu_seqlens_keyword (or document_ids_keyword) to pass them to "
+                         "your function")  # fmt: skip
     bad = sorted(set(enforce) - {"messages", "saved"})
     if bad:
         raise ValueError(f"enforce takes 'messages' and 'saved', got {bad}")

@@ -97,6 +97,19 @@ def ring(q, k, v, *, causal=False, group=None, bug=None, cu_seqlens=None):
     return out, lse
 
 
+def ring_with_document_ids(q, k, v, *, causal=False, group=None, document_ids=None):
+    """The same ring for a library that takes per-token document ids (segment ids, (S/W,)):
+    it all-gathers them (contiguous even shards: rank order is sequence order) and rebuilds the
+    global offsets from the ids' counts."""
+    cu_seqlens = None
+    if document_ids is not None:
+        gathered = [torch.empty_like(document_ids) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, document_ids, group=group)
+        counts = torch.bincount(torch.cat(gathered))
+        cu_seqlens = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    return ring(q, k, v, causal=causal, group=group, cu_seqlens=cu_seqlens)
+
+
 def ring_bhsd(q, k, v, *, causal=False, group=None):
     """The same ring on (B, H, S/W, D) tensors, returning out only."""
     out, _ = ring(*(x.transpose(1, 2) for x in (q, k, v)), causal=causal, group=group)

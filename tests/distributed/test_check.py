@@ -86,6 +86,24 @@ def test_packed_documents_pass_and_ignoring_them_is_named(pool):
     assert "the documents are ignored" in str(report), str(report)
 
 
+def test_document_ids_reach_a_function_that_takes_segment_ids(pool):
+    """document_ids_keyword: each rank gets its tokens' global document ids; a ring that
+    rebuilds the documents from them passes, and one handed every token as document 0 fails."""
+    options = dict(method="ring", examples=6, documents=(True,), pool=pool,
+                   document_ids_keyword="document_ids")  # fmt: skip
+    report = check(small_impls.ring_with_document_ids, **options)
+    assert report.passed, str(report)
+    report = check(_ids_all_zero, **options)
+    assert not report.passed and "the documents are ignored" in str(report), str(report)
+
+
+def _ids_all_zero(q, k, v, *, causal=False, group=None, document_ids=None):
+    """The ids taken but every token put in one document: the documents are ignored."""
+    zeros = None if document_ids is None else torch.zeros_like(document_ids)
+    return small_impls.ring_with_document_ids(q, k, v, causal=causal, group=group,
+                                              document_ids=zeros)  # fmt: skip
+
+
 def test_documents_without_a_keyword_to_pass_them_refuse_to_start(pool):
     with pytest.raises(ValueError, match="names no cu_seqlens_keyword"):
         check(small_impls.ring, method="ring", documents=(True,), pool=pool)
