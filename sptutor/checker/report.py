@@ -107,7 +107,10 @@ class Report:
         """The smallest failure in words: its case, the diagnosis, each rank's information."""
         if self.smallest is None:  # the information of the widest case: the most messages
             widest = max(self.results, key=lambda r: r.case.world, default=None)
-            return [f"information: {line}" for line in _information(widest)] if widest else []
+            if widest is None:
+                return []
+            return [f"information (case {widest.case.describe()}):",
+                    *(f"information: {line}" for line in _information(widest))]  # fmt: skip
         lines = [f"smallest failing case: {self.smallest.case.describe()}"]
         if self.smallest.status in ("error", "hang"):
             lines.append(self.smallest.error.strip())

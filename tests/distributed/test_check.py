@@ -93,6 +93,9 @@ def test_document_ids_reach_a_function_that_takes_segment_ids(pool):
                    document_ids_keyword="document_ids")  # fmt: skip
     report = check(small_impls.ring_with_document_ids, **options)
     assert report.passed, str(report)
+    # a passing report's messages and memory are one case's, and it says which
+    widest = max(report.results, key=lambda r: r.case.world)
+    assert f"information (case {widest.case.describe()}):" in str(report), str(report)
     report = check(_ids_all_zero, **options)
     assert not report.passed and "the documents are ignored" in str(report), str(report)
 
