@@ -85,6 +85,8 @@ def _child(
     with open(stack_path, "w") as stack_file:
         if STACK_SIGNAL is not None:  # lets the parent ask where this rank is stuck
             faulthandler.register(STACK_SIGNAL, file=stack_file, all_threads=True)
+        # a fatal signal (gloo aborts on a message of the wrong size) writes where it struck
+        faulthandler.enable(file=stack_file, all_threads=True)
         conn.send(("started", time.time(), None))
         torch.set_num_threads(1)  # W processes share a few cores: no oversubscription
         try:

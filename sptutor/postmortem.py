@@ -128,7 +128,31 @@ def _failure(ranks: list[Child], cause: int, failed: list[int], running: list[in
     after = f" (then {_who(others)} failed too)" if others else ""
     ended = f"; {_who(running)} still running, now ended" if running else ""
     text = f"rank {cause} of {len(ranks)} {what}{after}{ended}"
-    return text if kind == "died" else f"{text}:\n{body}"
+    return text + _struck(ranks[cause]) if kind == "died" else f"{text}:\n{body}"
+
+
+def _struck(rank) -> str:
+    """Where a rank killed by a fatal signal was, from the stack faulthandler wrote as it died
+    ('' if none): the innermost call outside torch and sptutor.comm, and for SIGABRT what gloo
+    aborts on."""
+    path = getattr(rank, "stack_path", None)
+    if path is None or not os.path.exists(path):
+        return ""
+    with open(path) as stack_file:
+        text = stack_file.read()
+    if "Fatal Python error" not in text:
+        return ""
+    # the main thread runs the task (launch's _child); an abort in a gloo thread has no frames
+    threads = [_FRAME.findall(block) for block in text.split("\n\n") if "hread 0x" in block]
+    frames = next((f for f in threads if any(name == "_child" for *_, name in f)), [])
+    caller = next((f for f in frames if _TORCH not in f[0] and not f[0].endswith(_COMM)), None)
+    if caller is None:
+        return ""
+    said = f", in {caller[2]} at {caller[0]}:{caller[1]}"
+    if "Aborted" in text:
+        said += (" (SIGABRT: gloo, for one, aborts a rank that receives a message of another "
+                 "size than its buffer, and says so on stderr)")  # fmt: skip
+    return said
 
 
 def _death(exitcode: int | None, started: bool) -> str:

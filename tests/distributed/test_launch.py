@@ -91,6 +91,28 @@ def test_a_rank_killed_by_a_signal_is_reported_with_the_signal(tmp_path):
     _assert_all_ended(tmp_path, 3)
 
 
+def test_a_rank_gloo_aborts_on_a_wrong_size_is_reported_where_it_waited(tmp_path):
+    """Rank 1 receives 5 floats into a buffer of 3: gloo aborts it (SIGABRT); the report says
+    where (the task's line, from the stack faulthandler wrote as it died) and what gloo aborts
+    on. A SIGKILL writes no stack, so the report above says nothing of where."""
+
+    def body(rank, world):
+        _write_pid(tmp_path, rank)
+        if rank == 0:
+            dist.send(torch.ones(5), dst=1)
+        else:
+            dist.recv(torch.empty(3), src=0)  # the line the report names
+
+    with pytest.raises(launch.SpawnError) as raised:
+        launch.spawn(body, 2, timeout=TIMEOUT_S)
+    message = str(raised.value)
+    assert message.startswith("rank 1 of 2 was killed by signal 6 (SIGABRT) before answering, "
+                              "in body at "), message  # fmt: skip
+    line = body.__code__.co_firstlineno + 5
+    assert f":{line} (SIGABRT: gloo, for one, aborts a rank that receives a message" in message
+    _assert_all_ended(tmp_path, 2)
+
+
 def test_at_the_timeout_the_rank_outside_the_collective_is_named(tmp_path):
     """Rank 1 sleeps while ranks 0 and 2 wait in a barrier: when the timeout runs out, spawn names
     rank 1 as the one holding them up, says where each rank was, and ends every rank."""
