@@ -121,6 +121,15 @@ def _convention_candidates(case, expected, local, name) -> Iterator[tuple[torch.
         yield _ring_mismatched(case, expected, local, -1, 1)[name], (
             "each block held is masked as the block of rank + step, not rank - step (the "
             "source of a step computed the wrong way round)")  # fmt: skip
+    blockwise = case.method in ("ring", "rsa", "lss", "usp") and name in ("out", "lse")
+    if case.cu_seqlens is not None and blockwise:
+        yield (
+            _documents_by_local_index(case, expected, local)[name],
+            (
+                "each token's document is looked up by its index in the rank's shard (0, 1, ...), "
+                "not by its global position: cu_seqlens are offsets over the whole sequence"
+            ),
+        )
     if case.cu_seqlens is not None:  # the chain mistakes below assume one document
         return
     linear_chain = case.method in ("lasp", "lasp2") and case.decay is not None
@@ -206,6 +215,21 @@ def _ring_mismatched(case, expected, local, data_sign, mask_sign) -> dict:
                                           positions[masked_as], case.causal, scale,
                                           docs[local], docs[masked_as])  # fmt: skip
         parts.append({"out": out, "lse": lse})
+    out, lse = _merge(parts)
+    return {"out": out, "lse": lse}
+
+
+def _documents_by_local_index(case, expected, local) -> dict:
+    """Rank ``local``'s out and lse if every rank took its tokens' documents from their local
+    indices 0..S_r-1 (``cu_seqlens`` searched with them) instead of their global positions,
+    for its queries and for every block of keys alike; the causal mask still by position."""
+    q, k, v = (layout.shard_by(x, expected.owned) for x in case.inputs(torch.float64)[:3])
+    offsets, positions = case.cu_seqlens_tensor(), expected.owned
+    docs = [layout.document_ids(offsets, torch.arange(len(p))) for p in positions]
+    scale = case.head_dim**-0.5
+    parts = [dict(zip(("out", "lse"), blocks.attention_block(
+        q[local], k[src], v[src], positions[local], positions[src], case.causal, scale,
+        docs[local], docs[src]))) for src in range(case.world)]  # fmt: skip
     out, lse = _merge(parts)
     return {"out": out, "lse": lse}
 

@@ -55,7 +55,8 @@ def ring(q, k, v, *, causal=False, group=None, bug=None, cu_seqlens=None):
     """Ring attention on contiguous (B, S/W, H, D) shards, differentiable through autograd;
     ``cu_seqlens`` (N+1,) global offsets of packed documents, or None.
     ``bug``: None, "no-rescale", "wrong-peer", "diagonal", "swap-dkdv", "sum-dkdv",
-    "zero-lse", "no-grad", "no-documents" (cu_seqlens taken and not used)."""
+    "zero-lse", "no-grad", "no-documents" (cu_seqlens taken and not used), "local-documents"
+    (documents looked up by each token's index in its shard)."""
     if bug in ("swap-dkdv", "sum-dkdv"):
         k, v = _Swap.apply(k, v, "swap" if bug == "swap-dkdv" else "sum")
     world, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -74,7 +75,9 @@ def ring(q, k, v, *, causal=False, group=None, bug=None, cu_seqlens=None):
             visible = q_pos[:, None] > k_pos if bug == "diagonal" else q_pos[:, None] >= k_pos
             scores = scores.masked_fill(~visible, float("-inf"))
         if cu_seqlens is not None and bug != "no-documents":
-            q_doc, k_doc = (torch.searchsorted(cu_seqlens, p, right=True) for p in (q_pos, k_pos))
+            # local-documents: looked up by the index in the shard, not the global position
+            looked_up = [p - p[0] if bug == "local-documents" else p for p in (q_pos, k_pos)]
+            q_doc, k_doc = (torch.searchsorted(cu_seqlens, p, right=True) for p in looked_up)
             scores = scores.masked_fill(q_doc[:, None] != k_doc, float("-inf"))
         block_lse = torch.logsumexp(scores, dim=-1)  # (B, H, S/W)
         weights = torch.exp(scores - block_lse[..., None]).nan_to_num(0.0)

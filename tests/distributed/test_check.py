@@ -75,7 +75,8 @@ def test_a_planted_mistake_is_named(pool, bug, sentence, tensor):
 
 def test_packed_documents_pass_and_ignoring_them_is_named(pool):
     """With documents in the sweep, the ring that masks them passes; the one that takes
-    cu_seqlens and ignores them fails with the sentence that says so."""
+    cu_seqlens and ignores them, and the one that looks documents up by local indices, fail
+    with the sentence that says so."""
     options = dict(method="ring", examples=8, documents=(True,), cu_seqlens_keyword="cu_seqlens",
                    pool=pool)  # fmt: skip
     report = check(small_impls.ring, **options)
@@ -84,6 +85,9 @@ def test_packed_documents_pass_and_ignoring_them_is_named(pool):
     report = check(small_impls.ring, kwargs={"bug": "no-documents"}, **options)
     assert not report.passed
     assert "the documents are ignored" in str(report), str(report)
+    report = check(small_impls.ring, kwargs={"bug": "local-documents"}, **options)
+    assert not report.passed
+    assert "document is looked up by its index in the rank's shard" in str(report), str(report)
 
 
 def test_document_ids_reach_a_function_that_takes_segment_ids(pool):
