@@ -24,6 +24,7 @@ import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 STACK_WAIT_S = 2.0  # how long running ranks get to write their stacks when asked
@@ -111,13 +112,10 @@ class _Answered:
 
 
 def blame(answers: list[tuple[str, float, Any]]) -> str | None:
-    """For ranks that all answered, each ``(kind, time.time(), body)`` with kind "ok", "error"
-    or "comm-error" (:func:`kind_of`) and a traceback as the body of a failure: None when every
-    rank is "ok", else :func:`report`'s message ('rank 2 of 4 failed (then rank 0 failed too):'
-    and the traceback of the first rank that failed on its own)."""
-    if all(kind == "ok" for kind, _, _ in answers):
-        return None
-    return report([_Answered(answer) for answer in answers], timeout=0.0, what="")
+    """:func:`report`'s message for ranks that all answered, each ``(kind, time.time(), body)``
+    ("ok", or "error"/"comm-error" (:func:`kind_of`) with a traceback); None if all are "ok"."""
+    failed = any(kind != "ok" for kind, _, _ in answers)
+    return report([_Answered(a) for a in answers], timeout=0.0, what="") if failed else None
 
 
 def _failure(ranks: list[Child], cause: int, failed: list[int], running: list[int]) -> str:
@@ -133,26 +131,24 @@ def _failure(ranks: list[Child], cause: int, failed: list[int], running: list[in
 
 def _struck(rank) -> str:
     """Where a rank killed by a fatal signal was, from the stack faulthandler wrote as it died
-    ('' if none): the innermost call outside torch and sptutor.comm, and for SIGABRT what gloo
+    ('' if none): the innermost call outside torch and sptutor.comm; for SIGABRT, what gloo
     aborts on."""
     path = getattr(rank, "stack_path", None)
-    if path is None or not os.path.exists(path):
-        return ""
-    with open(path) as stack_file:
-        text = stack_file.read()
-    if "Fatal Python error" not in text:
-        return ""
+    text = Path(path).read_text() if path and os.path.exists(path) else ""
     # the main thread runs the task (launch's _child); an abort in a gloo thread has no frames
     threads = [_FRAME.findall(block) for block in text.split("\n\n") if "hread 0x" in block]
     frames = next((f for f in threads if any(name == "_child" for *_, name in f)), [])
-    caller = next((f for f in frames if _TORCH not in f[0] and not f[0].endswith(_COMM)), None)
+    caller = _caller(frames) if "Fatal Python error" in text else None
     if caller is None:
         return ""
-    said = f", in {caller[2]} at {caller[0]}:{caller[1]}"
-    if "Aborted" in text:
-        said += (" (SIGABRT: gloo, for one, aborts a rank that receives a message of another "
-                 "size than its buffer, and says so on stderr)")  # fmt: skip
-    return said
+    aborted = (" (SIGABRT: gloo, for one, aborts a rank that receives a message of another size "
+               "than its buffer, and says so on stderr)") if "Aborted" in text else ""  # fmt: skip
+    return f", in {caller[2]} at {caller[0]}:{caller[1]}{aborted}"
+
+
+def _caller(frames: list[tuple[str, str, str]]) -> tuple[str, str, str] | None:
+    """The innermost frame outside torch and sptutor.comm: the code to look at."""
+    return next((f for f in frames if _TORCH not in f[0] and not f[0].endswith(_COMM)), None)
 
 
 def _death(exitcode: int | None, started: bool) -> str:
@@ -221,9 +217,7 @@ def _where(rank: Child) -> tuple[bool | None, str]:
     file, line, function = frames[0]  # innermost call first
     if _TORCH_DISTRIBUTED not in file:
         return False, f"in {function} at {file}:{line}, not in a collective"
-    caller = next(
-        (f for f in frames if _TORCH not in f[0] and not f[0].endswith(_COMM)), frames[-1]
-    )  # the caller of torch and of sptutor.comm: the code to look at
+    caller = _caller(frames) or frames[-1]
     return True, (
         f"waiting in torch.distributed ({function}), called from {caller[2]} at "
         f"{caller[0]}:{caller[1]}"
