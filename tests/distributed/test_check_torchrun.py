@@ -82,3 +82,15 @@ def test_a_case_that_raises_under_torchrun_is_an_error_and_the_last_one_run(tmp_
     assert "Flaky" not in done.stderr and "sptutor/checker" not in done.stderr, done.stderr
     for rank in (0, 1):  # each raising rank says so at once, in one line
         assert f"rank {rank} raised in ring W=2" in done.stderr, done.stderr
+
+
+def test_sptutor_check_under_torchrun_prints_its_report_once():
+    """``torchrun ... -m sptutor check MODULE:FUNCTION``: every rank runs the sweep, rank 0 alone
+    prints the report, and every rank exits 0 after it."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", "2", "-m", "sptutor", "check", "sptutor.ring:ring_attention",
+               "--method", "ring", "--examples", "3"]  # fmt: skip
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("ring_attention matches the ring oracle in all 3 cases") == 1
