@@ -344,7 +344,8 @@ print("among them, uneven shards:", *uneven_cases, "packed documents:", *packed_
 # %% [markdown]
 # ## Any sequence length, and packed documents
 #
-# Nothing above needs W to divide S. With S = 30 over W = 4 ranks, zigzag cuts 2W = 8 chunks
+# Nothing above needs W to divide S: write S_r for rank r's share where S/W stood. With S = 30
+# over W = 4 ranks, zigzag cuts 2W = 8 chunks
 # whose first S mod 8 = 6 hold one token more (4 tokens, the last two 3); ranks 0 and 1 own
 # chunks 7 and 6, so the ranks hold 7, 7, 8 and 8 tokens. Each
 # block travels at its own size: a rank knows every rank's positions, so it sizes the buffer it
@@ -355,10 +356,11 @@ print("among them, uneven shards:", *uneven_cases, "packed documents:", *packed_
 # Training runs also pack several documents into one sequence. `cu_seqlens`, the cumulative
 # document lengths over the global sequence, says where they lie; a query sees a key only in its
 # own document. The masks still come from global positions, now paired with document ids
-# (`layout.document_ids`), so the same block primitive serves every layout. A block whose keys lie
-# in other documents entirely has no visible pair and is skipped: no compute event in the
-# ledger, but its messages still travel (the schedule is fixed, so the bytes do not depend on
-# where documents start).
+# (`layout.document_ids`), so the same block primitive serves every layout. A block with no
+# visible pair is skipped: each of its keys lies in another document than every query, or in the
+# same document but after every query of it (documents and the causal mask together). No
+# compute event is logged, but its messages still travel (the schedule is fixed, so the bytes do
+# not depend on where documents start).
 
 # %%
 # float64 against the ground truth: the same sums reordered, so 1e-12 relative is far more
@@ -366,6 +368,9 @@ print("among them, uneven shards:", *uneven_cases, "packed documents:", *packed_
 q30, k30, v30, dout30 = random_inputs(1, 30, 4, 2, 8, seed=4)
 uneven = oracle.simulate("ring", q30, k30, v30, dout30, world=4, causal=True, layout="zigzag")
 tokens = [len(p) for p in uneven.positions]
+assert layout.sizes(30, 8) == [4] * 6 + [3] * 2  # S mod 8 = 6 chunks of 4, then two of 3
+assert uneven.positions[0].tolist()[4:] == [27, 28, 29]  # rank 0: chunk 0, then chunk 7 (3)
+assert uneven.positions[1].tolist()[4:] == [24, 25, 26]  # rank 1: chunk 1, then chunk 6 (3)
 assert tokens == [7, 7, 8, 8]
 assert relative_error(uneven.out, reference.full_attention(q30, k30, v30, causal=True)[0]) < 1e-12
 kv_bytes = [n * 2 * 8 * 8 for n in tokens]  # a K (or V) block: B=1 x n x Hkv=2 x D=8 float64
@@ -404,19 +409,21 @@ print(f"skipped (rank, block) pairs: {sorted(skipped)}; bytes sent unchanged: "
 # %% [markdown]
 # The same call drawn: on the left, who computes which (query, key) pair of the S×S matrix, the
 # pairs across documents left white, a line where each document starts and the tiles of skipped
-# blocks hatched; on the right, each (query rank, K/V block) with its useful multiply-adds, and
-# the skipped ones with their reason. Packing changes the balance of work: zigzag, even for one
-# document, is no longer even when documents cut the sequence.
+# blocks hatched (hatched tiles are the pairs of a skipped block; white tiles in a computed block
+# are its masked pairs); on the right, each (query rank, K/V block) with its
+# useful forward multiply-adds, and the skipped ones with their reason. Packing changes the
+# balance of work: zigzag, which is even for one document, is no longer even once documents
+# cut the sequence.
 
 # %%
 fig, (left, right) = plt.subplots(1, 2, figsize=(14, 6), layout="constrained")
 plots.ownership(packed, ax=left)
 plots.block_work(packed, ax=right)
 plt.show()
-work = [packed.ledger.macs(r) for r in range(4)]
-work_one = [one_document.ledger.macs(r) for r in range(4)]
+work = [packed.ledger.macs(r, "forward") for r in range(4)]  # the figure's sums: forward
+work_one = [one_document.ledger.macs(r, "forward") for r in range(4)]
 assert max(work_one) == min(work_one) and max(work) > min(work)  # zigzag balanced, packed not
-print(f"useful MACs per rank: one document {work_one}; three documents {work}")
+print(f"useful forward MACs per rank: one document {work_one}; three documents {work}")
 
 # %% [markdown]
 # ## What the paper claims, what we measured

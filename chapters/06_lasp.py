@@ -356,17 +356,23 @@ for phase in ("forward", "backward"):
 #   of the previous rank's last token;
 # - the outgoing state is the last segment's; the incoming state flows on into it only when the
 #   chunk is that one continuing segment (it *passes*);
-# - LASP-2's prefix sum stops at the most recent cut: it adds the states of the ranks before
-#   this one only back to the first that does not pass;
-# - backward mirrors it: the dKV sent back comes from the first segment, and only when it reads.
+# - LASP-2's prefix sum stops at the most recent cut: a rank whose first segment reads adds the
+#   earlier ranks' outgoing states walking back from rank t−1, up to and including the nearest
+#   rank that does not pass (its last segment starts the document); one that does not read adds
+#   none;
+# - backward mirrors it: the dKV_out a rank receives reaches its last segment's keys and values
+#   (and, when the chunk passes, flows on through it); the dKV it sends back comes from its first
+#   segment, and only when that segment reads.
 #
-# The messages do not change: every rank still sends its state (a receiver that starts a new
-# document ignores it), so the ledger is the same whatever the documents. Below, S = 14 tokens
-# over W = 4 ranks (W does not divide S: the chunks hold 4, 4, 3 and 3 tokens) and three
-# documents, one boundary inside rank 0's chunk and one inside rank 2's.
+# With chunks of different lengths (below) every $\lambda^C$ above is $\lambda^{C_t}$, each
+# rank's own chunk length. The messages do not change: every rank still sends its state (a
+# receiver that starts a new document ignores it), so the ledger is the same whatever the
+# documents. Below, S = 14 tokens over W = 4 ranks (W does not divide S: the chunks hold 4, 4, 3
+# and 3 tokens) and three documents: one boundary inside rank 0's chunk, and one at rank 2's
+# first token, so rank 2 ignores the state it receives.
 
 # %%
-cu_seqlens = torch.tensor([0, 3, 9, 14])
+cu_seqlens = torch.tensor([0, 3, 8, 14])
 # float64 against the ground truth, the same sums reordered: 1e-12 relative is far more than
 # rounding needs (the design's rule is 1e-10)
 q14, k14, v14, dout14 = (torch.randn(1, 14, 2, 4, dtype=torch.float64) for _ in range(4))
@@ -379,7 +385,10 @@ for method in ("lasp", "lasp2"):
 packed = packed_sims["lasp"]
 packed_chain = Chain.of(packed.positions, packed.documents)
 assert packed_chain.lengths == (4, 4, 3, 3)
-assert packed_chain.reads == (False, True, True, True)
+# the boundary at 3 cuts rank 0's chunk in two; the one at 8 falls on rank 2's edge
+segment_lengths = [[s.stop - s.start for s in chunk] for chunk in packed_chain.segments]
+assert segment_lengths == [[3, 1], [4], [3], [3]]
+assert packed_chain.reads == (False, True, False, True)  # rank 2 starts document 2: ignores it
 assert packed_chain.passes == (False, True, False, True)
 for rank in range(W):
     segments = [packed.positions[rank][s].tolist() for s in packed_chain.segments[rank]]
@@ -388,18 +397,21 @@ for rank in range(W):
 
 # the second document's tokens changed: the first and third documents see nothing of it
 q_changed, k_changed, v_changed = q14.clone(), k14.clone(), v14.clone()
-q_changed[:, 3:9], k_changed[:, 3:9], v_changed[:, 3:9] = 7.0, -3.0, 5.0
+q_changed[:, 3:8], k_changed[:, 3:8], v_changed[:, 3:8] = 7.0, -3.0, 5.0
 changed = oracle.simulate("lasp", q_changed, k_changed, v_changed, dout14, world=W, causal=True,
                           decay=decay, cu_seqlens=cu_seqlens)  # fmt: skip
-outside = torch.cat([torch.arange(0, 3), torch.arange(9, 14)])
+outside = torch.cat([torch.arange(0, 3), torch.arange(8, 14)])
 assert torch.equal(changed.out[:, outside], packed.out[:, outside])
-one_doc_lasp = oracle.simulate("lasp", q14, k14, v14, dout14, world=W, causal=True, decay=decay)
-one_doc_messages = [e.key() for e in one_doc_lasp.ledger.messages()]
-assert one_doc_messages == [e.key() for e in packed.ledger.messages()]  # whatever the documents
+for method in ("lasp", "lasp2"):  # the same messages whatever the documents
+    one_doc = oracle.simulate(method, q14, k14, v14, dout14, world=W, causal=True, decay=decay)
+    one_doc_messages = [e.key() for e in one_doc.ledger.messages()]
+    assert one_doc_messages == [e.key() for e in packed_sims[method].ledger.messages()]
 print("documents 0 and 2 unchanged, bit for bit, when document 1 changes; the same messages")
 
 # %% [markdown]
-# The chain drawn: each rank's chunk with the documents it holds, and the state's journey.
+# The chain drawn: each rank's chunk with the documents it holds, and the state's journey. The
+# arrows are the messages, the same for any documents; the reset happens inside the ranks: rank
+# 0's second segment starts document 1, and rank 2 ignores the arrow that reaches it.
 
 # %%
 chain_figure = plots.state_chain(packed)

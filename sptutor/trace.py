@@ -197,7 +197,7 @@ def title(sim) -> str:
 
 def block_rows(sim) -> list[list]:
     """Per rank (ring family): the K/V blocks it computes in the forward, and those it skips, by
-    reason (``plots._blocks.skip_reason``): causal, no shared document, otherwise not computed."""
+    reason (``plots._blocks.skip_reason``): causal, documents, otherwise not computed."""
     from sptutor.plots import _blocks
 
     computed, rows = _blocks.forward_macs(sim), []
@@ -223,7 +223,7 @@ def _show_documents(sim) -> None:
 
 def _show_blocks(sim) -> None:
     rows = block_rows(sim)
-    columns = ["rank", "computes", "skips: causal", "skips: no shared document", "skips, visible!"]
+    columns = ["rank", "computes", "skips: causal", "skips: documents", "skips, visible!"]
     keep = [i for i in range(len(columns)) if i < 3 or any(row[i] != "-" for row in rows)]
     if sim.cu_seqlens is not None:
         keep = sorted({*keep, 3})

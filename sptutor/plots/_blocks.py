@@ -23,7 +23,7 @@ from sptutor import blocks, layout
 BLOCK_METHODS = ("rsa", "ring", "lss", "usp")
 REASONS = {
     "causal": "causal: every key after every query",
-    "documents": "no shared document",
+    "documents": "documents: each causal pair spans two",
     "not computed": "not computed (although visible)",
 }
 

@@ -36,7 +36,7 @@ from sptutor.plots._style import (
 )
 
 OTHER_RING = "0.85"
-SHORT_REASONS = {"causal": "causal", "documents": "no shared\ndocument", "not computed": "??"}
+SHORT_REASONS = {"causal": "causal", "documents": "documents", "not computed": "??"}
 
 
 def cells(sim: Any) -> dict[tuple[int, int], str]:
