@@ -248,7 +248,7 @@ def show(measured: list[dict], sizes: cost.Shape, out: Path | None, notes: tuple
         ("method", "1 process", *(f"{_threads(c)} ms" for c in counts),
          *(f"W={w} ms" for w in worlds), *(f"W={w} ratio" for w in worlds), "goal",
          f"W={last} meets"),
-        notes=(notes or (
+        notes=notes + unjudged(measured, sizes) if notes else (
             f"ratio: time on W gloo processes (1 thread each) / time of one process with the "
             f"whole sequence on min(W, {cores()}) threads (W's total, capped at this machine's "
             "cores): both use the same cores; 1 = splitting costs nothing.",
@@ -257,7 +257,7 @@ def show(measured: list[dict], sizes: cost.Shape, out: Path | None, notes: tuple
                 f"computed from the W={last} ratio; lasp, lasp2 against chunks.intra_blocked, "
                 "sptutor's own single-process chunked linear attention.",)),
             "times move with this machine's load (others' tests): judged, never asserted.",
-        )) + (unjudged(measured, sizes) if notes else ()),
+        ),
     )  # fmt: skip
     figures = {"what": "time", "shape": {**common.shape_dict(sizes), "seq_len": sizes.seq_len},
                "causal": True, "rows": measured}  # fmt: skip

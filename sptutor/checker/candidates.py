@@ -202,34 +202,33 @@ def _with_grads(attention, inputs, dout, *args, **options) -> dict:
 def _ring_mismatched(case, expected, local, data_sign, mask_sign) -> dict:
     """Rank ``local``'s out and lse if at each step it held the block of rank + data_sign·step
     but masked it as the block of rank + mask_sign·step (the ring's peers mixed up)."""
-    world = case.world
-    q, k, v = (layout.shard_by(x, expected.owned) for x in case.inputs(torch.float64)[:3])
-    positions, docs = expected.owned, expected.sim.documents
-    scale = case.head_dim**-0.5
-    parts = []
+    world, positions, docs = case.world, expected.owned, expected.sim.documents
+    held = []
     for step in range(world):
         data, masked_as = (local + data_sign * step) % world, (local + mask_sign * step) % world
-        if k[data].shape[1] != len(positions[masked_as]):
-            continue  # uneven shards: a block cannot be masked with another size's positions
-        out, lse = blocks.attention_block(q[local], k[data], v[data], positions[local],
-                                          positions[masked_as], case.causal, scale,
-                                          docs[local], docs[masked_as])  # fmt: skip
-        parts.append({"out": out, "lse": lse})
-    out, lse = _merge(parts)
-    return {"out": out, "lse": lse}
+        if len(positions[data]) == len(positions[masked_as]):  # else sizes cannot be mixed up
+            held.append((data, positions[masked_as], docs[local], docs[masked_as]))
+    return _attended(case, expected, local, held)
 
 
 def _documents_by_local_index(case, expected, local) -> dict:
     """Rank ``local``'s out and lse if every rank took its tokens' documents from their local
     indices 0..S_r-1 (``cu_seqlens`` searched with them) instead of their global positions,
     for its queries and for every block of keys alike; the causal mask still by position."""
-    q, k, v = (layout.shard_by(x, expected.owned) for x in case.inputs(torch.float64)[:3])
     offsets, positions = case.cu_seqlens_tensor(), expected.owned
     docs = [layout.document_ids(offsets, torch.arange(len(p))) for p in positions]
+    held = [(src, positions[src], docs[local], docs[src]) for src in range(case.world)]
+    return _attended(case, expected, local, held)
+
+
+def _attended(case, expected, local, held: list[tuple]) -> dict:
+    """Rank ``local``'s out and lse, LSE-merged over the blocks ``held``: each ``(src, k_pos,
+    q_doc, k_doc)``, rank src's K, V masked as keys at k_pos, with those document ids."""
+    q, k, v = (layout.shard_by(x, expected.owned) for x in case.inputs(torch.float64)[:3])
     scale = case.head_dim**-0.5
     parts = [dict(zip(("out", "lse"), blocks.attention_block(
-        q[local], k[src], v[src], positions[local], positions[src], case.causal, scale,
-        docs[local], docs[src]))) for src in range(case.world)]  # fmt: skip
+        q[local], k[src], v[src], expected.owned[local], k_pos, case.causal, scale, q_doc,
+        k_doc))) for src, k_pos, q_doc, k_doc in held]  # fmt: skip
     out, lse = _merge(parts)
     return {"out": out, "lse": lse}
 
